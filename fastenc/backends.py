@@ -1,0 +1,153 @@
+"""Backend selection: which implementation of an op runs, for every op, in one place.
+
+Backends:
+  "reference"  pure PyTorch (fastenc/reference), differentiable and fp64-capable: the oracle and the fallback.
+  "triton"     Triton kernels (kernels/, imported as fastenc.kernels): CUDA tensors, and CPU tensors when
+               TRITON_INTERPRET=1 was set before triton was imported.
+  "native"     the compiled extension fastenc._C: CUDA kernels on CUDA tensors, C++ kernels on CPU tensors.
+
+Each op file registers, per backend, the module that implements it (`register(op, {backend: module_name})`);
+every such module defines the same functions, `<op>_forward` and `<op>_backward`, and is imported only when first
+used, so `import fastenc` never needs triton or the extension. The op's custom-op body calls
+`resolve(op, device_type)` at run time, so the choice (global, `with backend(...)`, or FASTENC_BACKEND) applies inside
+`torch.compile`d graphs too, and a backward resolves the same way its forward did.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib
+import os
+from types import ModuleType
+from typing import Iterator
+
+BACKENDS = ("reference", "triton", "native")
+AUTO = "auto"
+
+# "auto" tries these in order, per device type, and takes the first backend that implements the op. The order
+# comes from the benchmarks (bench/results/): on CPU the C++ kernels beat torch eager and the reference; the
+# Triton interpreter is a test vehicle, never a CPU default. On CUDA, Triton before the CUDA C++ kernels.
+AUTO_ORDER = {
+    "cuda": ("triton", "native", "reference"),
+    "cpu": ("native", "reference"),
+}
+
+_implementations: dict[str, dict[str, str]] = {}
+_last_used: dict[str, str] = {}
+# set_backend() sets the process-wide choice; `with backend(...)` overrides it in the current thread / task.
+_global_choice = AUTO
+_scoped_choice: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastenc_backend", default=None)
+
+
+def register(op: str, modules: dict[str, str]) -> None:
+    """Name, per backend, the module that implements `op`; the reference is required (it is the fallback)."""
+    unknown = set(modules) - set(BACKENDS)
+    if unknown or "reference" not in modules:
+        raise ValueError(f"op {op!r}: backends must be among {BACKENDS} and include 'reference', got {sorted(modules)}")
+    _implementations[op] = dict(modules)
+
+
+# Triton decides between compiling and interpreting when a kernel is defined, so what counts is the variable's
+# value when fastenc was imported.
+INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _probe(backend: str) -> str | None:
+    """None when `backend` can run on this machine, else the reason it cannot."""
+    if backend == "reference":
+        return None
+    if backend == "triton":
+        try:
+            importlib.import_module("triton")
+        except ImportError as e:
+            return f"triton is not installed ({e})"
+        import torch
+
+        if not torch.cuda.is_available() and not INTERPRETER:
+            return "no CUDA device, and TRITON_INTERPRET=1 was not set before import"
+        return None
+    if backend == "native":
+        try:
+            importlib.import_module("fastenc._C")
+        except ImportError as e:
+            return f"the extension fastenc._C is not built ({e}); build it with `pip install --no-build-isolation -e .`"
+        return None
+    return f"unknown backend {backend!r}; expected one of {BACKENDS} or {AUTO!r}"
+
+
+def available_backends() -> list[str]:
+    """The backends that can run here, in BACKENDS order."""
+    return [b for b in BACKENDS if _probe(b) is None]
+
+
+def device_reason(backend: str, device_type: str) -> str | None:
+    """None when `backend` runs tensors of `device_type`, else why not."""
+    if backend == "native" and device_type == "cuda":
+        from fastenc import _C
+
+        if not _C.cuda_archs():
+            return "fastenc._C was built without CUDA kernels"
+    if backend == "triton" and device_type == "cpu" and not INTERPRETER:
+        return "Triton runs CPU tensors only under TRITON_INTERPRET=1 (set before import)"
+    if device_type not in AUTO_ORDER:
+        return f"device type {device_type!r} is not supported"
+    return None
+
+
+def _check_name(name: str) -> str:
+    if name == AUTO:
+        return name
+    reason = _probe(name)
+    if reason is not None:
+        raise ValueError(f"backend {name!r} is not available: {reason}")
+    return name
+
+
+def set_backend(name: str) -> None:
+    """Select the backend for every op from now on, in every thread; "auto" restores the default."""
+    global _global_choice
+    _global_choice = _check_name(name)
+
+
+def get_backend() -> str:
+    scoped = _scoped_choice.get()
+    return _global_choice if scoped is None else scoped
+
+
+@contextlib.contextmanager
+def backend(name: str) -> Iterator[None]:
+    """`with fastenc.backend("triton"): ...` selects a backend inside the block (per thread / task)."""
+    token = _scoped_choice.set(_check_name(name))
+    try:
+        yield
+    finally:
+        _scoped_choice.reset(token)
+
+
+def resolve(op: str, device_type: str) -> ModuleType:
+    """The implementation of `op` for tensors on `device_type` under the current choice; records it."""
+    impls = _implementations[op]
+    chosen = get_backend()
+    if chosen == AUTO:
+        order = AUTO_ORDER.get(device_type, ("reference",))
+        name = next(b for b in order if b in impls and _probe(b) is None and device_reason(b, device_type) is None)
+    else:
+        reason = device_reason(chosen, device_type)
+        if reason is not None:
+            raise RuntimeError(f"backend {chosen!r} cannot run op {op!r} on {device_type} tensors: {reason}")
+        # A backend without this op falls back to the reference; info() shows it.
+        name = chosen if chosen in impls else "reference"
+    _last_used[op] = name
+    return importlib.import_module(impls[name])
+
+
+def last_used() -> dict[str, str]:
+    """For each op that has run: the backend whose implementation ran last."""
+    return dict(_last_used)
+
+
+if os.environ.get("FASTENC_BACKEND", "").strip():
+    set_backend(os.environ["FASTENC_BACKEND"].strip())

@@ -1,0 +1,5 @@
+"""Drop-in replacements for torch.nn modules."""
+
+from fastenc.nn.normalization import LayerNorm
+
+__all__ = ["LayerNorm"]

@@ -1,0 +1,97 @@
+"""fastenc::layer_norm: residual-add + LayerNorm as a torch.library custom op, one autograd for all backends.
+
+Contract every implementation follows (reference, kernels/layer_norm.py, fastenc._C):
+  layer_norm_forward(x, residual, weight, bias, eps, store_sum) -> (y, sum, mean, rstd)
+      x, residual: (M, N), the same dtype; weight, bias: (N,) or None, in x.dtype or (for half / bfloat16 x)
+      float32, as torch allows. y: (M, N) contiguous in x.dtype.
+      sum: x + residual (M, N) when store_sum and residual is given, else an empty tensor.
+      mean, rstd: (M,) float32 (float64 for float64 input), of the rounded sum.
+  layer_norm_backward(dy, dsum, xs, weight, mean, rstd, has_bias) -> (dx, dweight, dbias)
+      xs is what was normalised (the stored sum, or x); dsum, when given, is the gradient of the returned sum and
+      is added into dx (which is also the residual's gradient). dweight / dbias: (N,) in the statistics dtype
+      (the op rounds them to the parameters' dtypes), empty when not wanted.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastenc import backends
+from fastenc.reference.layer_norm import stat_dtype
+
+backends.register(
+    "layer_norm",
+    {"reference": "fastenc.reference.layer_norm", "triton": "fastenc.kernels.layer_norm", "native": "fastenc._C"},
+)
+
+
+@torch.library.custom_op("fastenc::layer_norm", mutates_args=())
+def layer_norm(
+    x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, eps: float, store_sum: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    impl = backends.resolve("layer_norm", x.device.type)
+    return impl.layer_norm_forward(x, residual, weight, bias, eps, store_sum)
+
+
+@layer_norm.register_fake
+def _(x, residual, weight, bias, eps, store_sum):
+    rows = x.shape[0]
+    summed = x.new_empty(x.shape) if store_sum and residual is not None else x.new_empty(0)
+    stats = stat_dtype(x.dtype)
+    return x.new_empty(x.shape), summed, x.new_empty(rows, dtype=stats), x.new_empty(rows, dtype=stats)
+
+
+@torch.library.custom_op("fastenc::layer_norm_backward", mutates_args=())
+def layer_norm_backward(
+    dy: Tensor, dsum: Tensor | None, xs: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor, has_bias: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    impl = backends.resolve("layer_norm", dy.device.type)
+    return impl.layer_norm_backward(dy, dsum, xs, weight, mean, rstd, has_bias)
+
+
+@layer_norm_backward.register_fake
+def _(dy, dsum, xs, weight, mean, rstd, has_bias):
+    width = xs.shape[1]
+    dweight = mean.new_empty(width if weight is not None else 0)
+    dbias = mean.new_empty(width if has_bias else 0)
+    return xs.new_empty(xs.shape), dweight, dbias
+
+
+def _setup_context(ctx, inputs, output):
+    x, residual, weight, bias, _, store_sum = inputs
+    _, summed, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    # Without the stored sum the backward has nothing to normalise; functional stores it whenever a gradient may
+    # be needed, so only a direct call of the op can get here.
+    ctx.saves_input = residual is None or store_sum
+    ctx.has_residual = residual is not None
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.save_for_backward(x if residual is None else summed, weight, mean, rstd)
+
+
+def _backward(ctx, dy, dsum, dmean, drstd):
+    if not ctx.saves_input:
+        raise RuntimeError("fastenc::layer_norm was called with a residual and store_sum=False: it cannot backward")
+    xs, weight, mean, rstd = ctx.saved_tensors
+    if dsum is not None and dsum.numel() == 0:
+        dsum = None
+    has_bias = ctx.bias_dtype is not None
+    dx, dweight, dbias = layer_norm_backward(dy, dsum, xs, weight, mean, rstd, has_bias)
+    return (
+        dx,
+        dx if ctx.has_residual else None,
+        dweight.to(weight.dtype) if weight is not None else None,
+        dbias.to(ctx.bias_dtype) if has_bias else None,
+        None,
+        None,
+    )
+
+
+layer_norm.register_autograd(_backward, setup_context=_setup_context)
+
+# Under CUDA autocast torch runs layer_norm in float32, and so does fastenc. CPU autocast leaves torch's
+# layer_norm alone (half / bfloat16 input with float32 parameters stays mixed), and fastenc's too.
+AUTOCAST_FLOAT32_DEVICES = ("cuda",)
+for _device_type in AUTOCAST_FLOAT32_DEVICES:
+    torch.library.register_autocast("fastenc::layer_norm", _device_type, torch.float32)

@@ -1,0 +1,107 @@
+"""Backend selection, availability, fallback and `fastenc info`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+import fastenc
+from fastenc import backends
+from tests.conftest import REQUIRED
+
+
+def test_required_backends_are_available():
+    missing = {b: backends._probe(b) for b in REQUIRED if backends._probe(b) is not None}
+    assert not missing, f"FASTENC_REQUIRE_BACKENDS names backends that cannot run here: {missing}"
+
+
+def test_reference_is_always_available():
+    assert "reference" in fastenc.available_backends()
+
+
+def test_unknown_backend_is_named():
+    with pytest.raises(ValueError, match="'cudnn'"):
+        fastenc.set_backend("cudnn")
+    with pytest.raises(ValueError, match="'nope'"):
+        with fastenc.backend("nope"):
+            pass
+
+
+def test_set_backend_and_scope_restore():
+    assert fastenc.get_backend() == "auto"
+    try:
+        fastenc.set_backend("reference")
+        assert fastenc.get_backend() == "reference"
+        seen = []
+        worker = threading.Thread(target=lambda: seen.append(fastenc.get_backend()))
+        worker.start()
+        worker.join()
+        assert seen == ["reference"], "set_backend must apply to every thread"
+    finally:
+        fastenc.set_backend("auto")
+    with fastenc.backend("reference"):
+        assert fastenc.get_backend() == "reference"
+    assert fastenc.get_backend() == "auto"
+
+
+def test_last_used_reports_the_implementation_that_ran():
+    x = torch.randn(3, 8)
+    with fastenc.backend("reference"):
+        fastenc.functional.layer_norm(x, (8,))
+    assert fastenc.info(file=None)["last_used"]["layer_norm"] == "reference"
+    fastenc.functional.layer_norm(x, (8,))
+    expected = "native" if "native" in fastenc.available_backends() else "reference"
+    assert backends.last_used()["layer_norm"] == expected
+
+
+def test_backend_without_the_op_falls_back_to_reference():
+    backends.register("test_only_op", {"reference": "fastenc.reference.layer_norm"})
+    with fastenc.backend("reference" if "native" not in fastenc.available_backends() else "native"):
+        module = backends.resolve("test_only_op", "cpu")
+    assert module.__name__ == "fastenc.reference.layer_norm"
+    assert backends.last_used()["test_only_op"] == "reference"
+
+
+def _run_python(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env}, timeout=300
+    )
+
+
+def test_environment_variable_selects_the_backend():
+    done = _run_python("import fastenc; print(fastenc.get_backend())", FASTENC_BACKEND="reference")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "reference"
+    bad = _run_python("import fastenc", FASTENC_BACKEND="fastest")
+    assert bad.returncode != 0 and "'fastest'" in bad.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_triton_on_cpu_without_interpreter_says_why():
+    code = (
+        "import torch, fastenc\n"
+        "print(fastenc.available_backends())\n"
+        "try:\n"
+        "    fastenc.set_backend('triton')\n"
+        "except ValueError as e:\n"
+        "    print('refused:', e)\n"
+    )
+    done = _run_python(code, TRITON_INTERPRET="0")
+    assert done.returncode == 0, done.stderr
+    assert "'triton'" not in done.stdout.splitlines()[0]
+    assert "refused: backend 'triton' is not available" in done.stdout and "TRITON_INTERPRET" in done.stdout
+
+
+def test_info_command():
+    done = subprocess.run([sys.executable, "-m", "fastenc", "info"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    for key in ("torch", "triton", "available_backends", "extension", "device"):
+        assert key in done.stdout
+    report = fastenc.info(file=None)
+    if report["extension"]["built"]:
+        assert isinstance(report["extension"]["cuda_archs"], list)

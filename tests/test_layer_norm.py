@@ -1,0 +1,203 @@
+"""Residual-add + LayerNorm: every backend against a float64 oracle and against torch, forward and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import fastenc
+from fastenc import backends
+from fastenc import functional as F
+from fastenc.reference import layer_norm as reference
+from tests.conftest import DEVICES, assert_close_to_oracle
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+# Odd widths on purpose: 1 (variance 0), primes, one past a power of two, a wide row; leading dims of any rank.
+SHAPES = [(3, 1), (5, 17), (2, 3, 65), (7, 1000), (2, 4099)]
+
+
+def _inputs(shape, dtype, device, residual=True, weight=True, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = shape[-1]
+
+    def rand(*s, scale=1.0, shift=0.0):
+        return (torch.randn(*s, generator=g, dtype=torch.float64) * scale + shift).to(dtype).to(device)
+
+    x = rand(*shape, scale=2.0, shift=0.5)
+    r = rand(*shape) if residual else None
+    w = rand(n, scale=0.5, shift=1.0) if weight else None
+    b = rand(n, scale=0.5) if bias else None
+    return x, r, w, b
+
+
+def _run(fn, x, r, w, b, return_residual, dy, ds):
+    """Forward and gradients of whatever requires grad, from `fn(x, r, w, b)`."""
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in (x, r, w, b)]
+    out = fn(*leaves)
+    outs = out if return_residual else (out,)
+    grads_out = (dy, ds)[: len(outs)]
+    wanted = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad(outs, wanted, grads_out)
+    return [o.detach() for o in outs], list(grads)
+
+
+def _check(x, r, w, b, return_residual=False, eps=1e-5):
+    shape = (x.shape[-1],)
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(x)
+    ds = torch.randn(x.shape, generator=torch.Generator().manual_seed(2)).to(x) if return_residual else None
+
+    def ours(x, r, w, b):
+        return F.layer_norm(x, shape, w, b, eps, residual=r, return_residual=return_residual)
+
+    def torch_eager(x, r, w, b):
+        s = x if r is None else x + r
+        y = TF.layer_norm(s, shape, w, b, eps)
+        return (y, s) if return_residual else y
+
+    def oracle(x, r, w, b):
+        with fastenc.backend("reference"):
+            return ours(x, r, w, b)
+
+    got = _run(ours, x, r, w, b, return_residual, dy, ds)
+    assert backends.last_used()["layer_norm"] == fastenc.get_backend(), "the selected backend did not run"
+    want = _run(torch_eager, x, r, w, b, return_residual, dy, ds)
+    as64 = [None if t is None else t.double() for t in (x, r, w, b, dy, ds)]
+    exact = _run(oracle, *as64[:4], return_residual, *as64[4:])
+    names = ["y", "sum"][: len(got[0])] + [n for n, t in zip(["dx", "dresidual", "dweight", "dbias"], (x, r, w, b)) if t is not None]
+    for name, a, t, o in zip(names, got[0] + got[1], want[0] + want[1], exact[0] + exact[1]):
+        assert_close_to_oracle(name, a, o, t)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_residual_layer_norm(backend_device, shape, dtype):
+    _, device = backend_device
+    _check(*_inputs(shape, dtype, device), return_residual=True)
+
+
+@pytest.mark.parametrize("residual,weight,bias", [(False, True, True), (True, False, False), (False, False, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_optional_arguments(backend_device, residual, weight, bias, dtype):
+    _, device = backend_device
+    _check(*_inputs((6, 33), dtype, device, residual, weight, bias))
+
+
+def test_widest_row(backend_device):
+    _, device = backend_device
+    _check(*_inputs((2, 65536), torch.float32, device), return_residual=True)
+
+
+def test_strided_and_transposed_inputs(backend_device):
+    _, device = backend_device
+    x, r, w, b = _inputs((9, 80), torch.float32, device)
+    _check(x[:, :51], r[:, 10:61], w[:51], b[:51])  # rows with a stride larger than their width
+    _check(x.t(), r.t(), w[:9], b[:9])  # column-major: the last dim is not contiguous
+
+
+def test_empty_batch(backend_device):
+    _, device = backend_device
+    x, r, w, b = _inputs((0, 24), torch.float32, device)
+    x.requires_grad_()
+    w.requires_grad_()
+    y, s = F.layer_norm(x, (24,), w, b, residual=r, return_residual=True)
+    assert y.shape == s.shape == (0, 24)
+    (dx, dw) = torch.autograd.grad(y.sum(), (x, w))
+    assert dx.shape == (0, 24) and torch.equal(dw, torch.zeros_like(w))
+
+
+def test_reference_gradcheck():
+    x, r, w, b = (t.requires_grad_() for t in _inputs((3, 7), torch.float64, "cpu"))
+    with fastenc.backend("reference"):
+        assert torch.autograd.gradcheck(
+            lambda x, r, w, b: F.layer_norm(x, (7,), w, b, residual=r, return_residual=True), (x, r, w, b)
+        )
+
+
+def test_gradcheck(backend_device):
+    _, device = backend_device
+    x, r, w, b = (t.requires_grad_() for t in _inputs((3, 7), torch.float64, device))
+    assert torch.autograd.gradcheck(
+        lambda x, r, w, b: F.layer_norm(x, (7,), w, b, residual=r, return_residual=True), (x, r, w, b)
+    )
+
+
+def test_opcheck(backend_device):
+    _, device = backend_device
+    x, r, w, b = _inputs((4, 19), torch.float32, device)
+    for args in [(x, r, w, b, 1e-5, True), (x, None, w, None, 1e-6, False), (x, r, None, b, 1e-5, True)]:
+        torch.library.opcheck(torch.ops.fastenc.layer_norm.default, args)
+    y, s, mean, rstd = torch.ops.fastenc.layer_norm(x, r, w, b, 1e-5, True)
+    torch.library.opcheck(torch.ops.fastenc.layer_norm_backward.default, (torch.randn_like(y), None, s, w, mean, rstd, True))
+
+
+def test_torch_compile_fullgraph(backend_device):
+    _, device = backend_device
+    x, r, w, b = _inputs((5, 48), torch.float32, device)
+
+    def block(x, r, w, b):
+        y, s = F.layer_norm(x * 2, (48,), w, b, residual=r, return_residual=True)
+        return (y.relu() + s).sum()
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    leaves = [t.requires_grad_() for t in (x, r, w, b)]
+    want = torch.autograd.grad(block(*leaves), leaves)
+    got = torch.autograd.grad(compiled(*leaves), leaves)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_float32_parameters_with_low_precision_input(backend_device, dtype):
+    _, device = backend_device
+    x, r, w, b = _inputs((6, 45), dtype, device)
+    _check(x, r, w.float(), b.float(), return_residual=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_follows_torch(device):
+    """CUDA autocast runs layer_norm in float32; CPU autocast leaves it alone. fastenc does as torch does."""
+    low = torch.bfloat16
+    x, r, w, b = _inputs((4, 32), low, device)
+    w, b = w.float(), b.float()
+    with torch.autocast(device, dtype=low):
+        y = F.layer_norm(x, (32,), w, b, residual=r)
+        expected = TF.layer_norm(x + r, (32,), w, b)
+    assert y.dtype == expected.dtype
+    torch.testing.assert_close(y, expected)
+
+
+def test_reference_backward_is_autograd_of_reference_forward():
+    x, _, w, _ = _inputs((5, 13), torch.float64, "cpu")
+    x.requires_grad_()
+    w.requires_grad_()
+    y, mean, rstd = reference.normalize(x, w, None, 1e-5)
+    dy = torch.randn_like(y)
+    dx, dw = torch.autograd.grad(y, (x, w), dy)
+    got = reference.layer_norm_backward(dy, None, x.detach(), w.detach(), mean.detach(), rstd.detach(), False)
+    torch.testing.assert_close(got[0], dx)
+    torch.testing.assert_close(got[1], dw)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(normalized_shape=(5,)), "normalized_shape"),
+        (dict(normalized_shape=(0,)), "normalized_shape"),
+        (dict(weight=torch.ones(7)), "weight must have shape"),
+        (dict(bias=torch.ones(8, dtype=torch.float64)), "bias has dtype"),
+        (dict(residual=torch.ones(3, 7)), "residual must have shape"),
+        (dict(residual=torch.ones(2, 3, 8, dtype=torch.float16)), "residual has dtype"),
+        (dict(weight="w"), "weight must be a Tensor"),
+    ],
+)
+def test_bad_input_names_the_argument(kwargs, match):
+    args = dict(input=torch.randn(2, 3, 8), normalized_shape=(8,))
+    args.update(kwargs)
+    with pytest.raises((ValueError, TypeError), match=match):
+        F.layer_norm(**args)
+
+
+def test_integer_input_is_rejected():
+    with pytest.raises(TypeError, match="input must be"):
+        F.layer_norm(torch.ones(2, 4, dtype=torch.int64), (4,))
