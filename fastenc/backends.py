@@ -8,9 +8,8 @@ Backends:
 
 Each op file registers, per backend, the module that implements it (`register(op, {backend: module_name})`);
 every such module defines the same functions, `<op>_forward` and `<op>_backward`, and is imported only when first
-used, so `import fastenc` never needs triton or the extension. The op's custom-op body calls
-`resolve(op, device_type)` at run time, so the choice (global, `with backend(...)`, or FASTENC_BACKEND) applies inside
-`torch.compile`d graphs too, and a backward resolves the same way its forward did.
+used, so `import fastenc` never needs triton or the extension. `select` picks the backend by name (global choice,
+`with backend(...)`, or FASTENC_BACKEND); the custom ops take that name and call `implementation`.
 """
 
 from __future__ import annotations
@@ -47,6 +46,11 @@ def register(op: str, modules: dict[str, str]) -> None:
     if unknown or "reference" not in modules:
         raise ValueError(f"op {op!r}: backends must be among {BACKENDS} and include 'reference', got {sorted(modules)}")
     _implementations[op] = dict(modules)
+
+
+def implemented(op: str) -> list[str]:
+    """The backends that have their own implementation of `op` (the others run its reference)."""
+    return list(_implementations[op])
 
 
 # Triton decides between compiling and interpreting when a kernel is defined, so what counts is the variable's
@@ -127,21 +131,28 @@ def backend(name: str) -> Iterator[None]:
         _scoped_choice.reset(token)
 
 
-def resolve(op: str, device_type: str) -> ModuleType:
-    """The implementation of `op` for tensors on `device_type` under the current choice; records it."""
+def select(op: str, device_type: str) -> str:
+    """The backend that runs `op` on `device_type` tensors under the current choice.
+
+    functional calls this and hands the name to the op's forward, which saves it for the backward: a backward
+    always runs the backend its forward ran, whatever is selected when it runs. (torch.compile traces this
+    function and guards on the choice, so a compiled graph follows the selection too.)
+    """
     impls = _implementations[op]
     chosen = get_backend()
     if chosen == AUTO:
         order = AUTO_ORDER.get(device_type, ("reference",))
-        name = next(b for b in order if b in impls and _probe(b) is None and device_reason(b, device_type) is None)
-    else:
-        reason = device_reason(chosen, device_type)
-        if reason is not None:
-            raise RuntimeError(f"backend {chosen!r} cannot run op {op!r} on {device_type} tensors: {reason}")
-        # A backend without this op falls back to the reference; info() shows it.
-        name = chosen if chosen in impls else "reference"
-    _last_used[op] = name
-    return importlib.import_module(impls[name])
+        return next(b for b in order if b in impls and _probe(b) is None and device_reason(b, device_type) is None)
+    reason = device_reason(chosen, device_type)
+    if reason is not None:
+        raise RuntimeError(f"backend {chosen!r} cannot run op {op!r} on {device_type} tensors: {reason}")
+    return chosen if chosen in impls else "reference"  # a backend without this op falls back; info() shows it
+
+
+def implementation(op: str, backend: str) -> ModuleType:
+    """The module implementing `op` for `backend` (from select), imported on first use; records it as used."""
+    _last_used[op] = backend
+    return importlib.import_module(_implementations[op][backend])
 
 
 def last_used() -> dict[str, str]:

@@ -8,9 +8,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from fastenc import backends
+from fastenc.ops import attention as _attention_op  # noqa: F401  (registers fastenc::attention)
 from fastenc.ops.layer_norm import AUTOCAST_FLOAT32_DEVICES
 
-__all__ = ["layer_norm"]
+__all__ = ["attention", "attention_varlen", "layer_norm"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -81,8 +83,147 @@ def layer_norm(
         None if bias is None else bias.reshape(width),
         float(eps),
         store_sum,
+        backends.select("layer_norm", input.device.type),
     )
     y = y.view(input.shape)
     if not return_residual:
         return y
     return y, (input if residual is None else summed.view(input.shape))
+
+
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor, rank: int, layout: str) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+        if t.dim() != rank:
+            raise ValueError(f"{name} must be {rank}-D {layout}, got shape {tuple(t.shape)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+        if t.dtype != q.dtype or t.device != q.device:
+            raise ValueError(f"{name} is {t.dtype} on {t.device} but q is {q.dtype} on {q.device}; they must match")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape {layout}, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[-1] != k.shape[-1] or q.shape[-2 if rank == 3 else 1] != k.shape[-2 if rank == 3 else 1]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in heads and head dim {layout}")
+
+
+def _autocast_qkv(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Under autocast attention runs in the autocast dtype, as torch's scaled_dot_product_attention does."""
+    device = q.device.type
+    if not torch.is_autocast_enabled(device):
+        return q, k, v
+    low = torch.get_autocast_dtype(device)
+    return q.to(low), k.to(low), v.to(low)
+
+
+def _dropout_seed(dropout_p: float) -> Tensor | None:
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    # Drawn from torch's generator, so torch.manual_seed makes dropout reproducible.
+    return torch.randint(0, 2**31 - 1, (), dtype=torch.int64) if dropout_p > 0 else None
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    attn_mask: Tensor | None = None,
+    key_padding_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+) -> Tensor:
+    """Fused attention of q (B, H, S_q, D), k and v (B, H, S_k, D), as `scaled_dot_product_attention`.
+
+    attn_mask: bool (True = may attend, as in scaled_dot_product_attention) or an additive float mask,
+    broadcastable to (B, H, S_q, S_k); it is not differentiated. key_padding_mask: (B, S_k) bool, True = ignore
+    that key (as nn.MultiheadAttention). is_causal: query i sees keys j <= i (with attn_mask too, if given).
+    A query that may see no key gets output 0 (and zero gradients), not NaN. dropout_p applies whenever > 0.
+    """
+    _check_qkv(q, k, v, 4, "(B, H, S, D)")
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"q and k must have the same batch size, got {q.shape[0]} and {k.shape[0]}")
+    batch, heads, s_q, head_dim = q.shape
+    s_k = k.shape[2]
+    q, k, v = _autocast_qkv(q, k, v)
+    bias = None
+    if attn_mask is not None:
+        if not isinstance(attn_mask, Tensor) or not (attn_mask.dtype == torch.bool or attn_mask.is_floating_point()):
+            raise TypeError("attn_mask must be a bool or floating-point Tensor")
+        if attn_mask.device != q.device:
+            raise ValueError(f"attn_mask is on {attn_mask.device} but q is on {q.device}")
+        if attn_mask.requires_grad and torch.is_grad_enabled():
+            raise NotImplementedError("attn_mask requires grad, but fastenc does not differentiate the mask")
+        try:
+            bias = attn_mask.expand(batch, heads, s_q, s_k)
+        except RuntimeError:
+            raise ValueError(
+                f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to (B, H, S_q, S_k) = "
+                f"{(batch, heads, s_q, s_k)}"
+            ) from None
+        if bias.dtype == torch.bool:
+            bias = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill_(
+                ~attn_mask, float("-inf")).expand(batch, heads, s_q, s_k)
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool:
+            raise TypeError("key_padding_mask must be a bool Tensor (True = ignore that key)")
+        if tuple(key_padding_mask.shape) != (batch, s_k) or key_padding_mask.device != q.device:
+            raise ValueError(
+                f"key_padding_mask must have shape (B, S_k) = {(batch, s_k)} on {q.device}, got "
+                f"{tuple(key_padding_mask.shape)} on {key_padding_mask.device}"
+            )
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    out, _ = torch.ops.fastenc.attention(
+        q, k, v, bias, key_padding_mask, None, None, s_q, s_k, bool(is_causal), scale, float(dropout_p),
+        _dropout_seed(dropout_p), backends.select("attention", q.device.type),
+    )
+    return out
+
+
+def _check_cu_seqlens(name: str, cu: Tensor, tokens: int, device: torch.device) -> Tensor:
+    if not isinstance(cu, Tensor) or cu.dim() != 1 or cu.numel() < 2 or cu.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name} must be a 1-D int32 tensor of B + 1 cumulative lengths starting at 0")
+    if cu.device != device:
+        raise ValueError(f"{name} is on {cu.device} but q is on {device}")
+    if cu.device.type == "cpu":  # on a GPU this check would cost a synchronisation per call
+        if int(cu[0]) != 0 or int(cu[-1]) != tokens or bool((cu[1:] < cu[:-1]).any()):
+            raise ValueError(f"{name} must rise from 0 to the number of tokens ({tokens}), got {cu.tolist()}")
+    return cu.to(torch.int32)
+
+
+def attention_varlen(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    *,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+) -> Tensor:
+    """Attention over packed sequences: q (T_q, H, D), k and v (T_k, H, D); sequence i holds the tokens
+    cu_seqlens[i]:cu_seqlens[i + 1]. Equals `attention` of the padded batch with a key padding mask, at the
+    packed tokens, without computing the padding. max_seqlen_* must be at least the longest sequence (they size
+    the launch); None computes them from cu_seqlens (a synchronisation on a GPU).
+    """
+    _check_qkv(q, k, v, 3, "(T, H, D)")
+    cu_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
+    cu_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
+    if cu_q.numel() != cu_k.numel():
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe as many sequences, got "
+                         f"{cu_q.numel() - 1} and {cu_k.numel() - 1}")
+    if max_seqlen_q is None:
+        max_seqlen_q = int((cu_q[1:] - cu_q[:-1]).max())
+    if max_seqlen_k is None:
+        max_seqlen_k = int((cu_k[1:] - cu_k[:-1]).max())
+    q, k, v = _autocast_qkv(q, k, v)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    out, _ = torch.ops.fastenc.attention(
+        q, k, v, None, None, cu_q, cu_k, int(max_seqlen_q), int(max_seqlen_k), bool(is_causal), scale,
+        float(dropout_p), _dropout_seed(dropout_p), backends.select("attention", q.device.type),
+    )
+    return out

@@ -24,6 +24,10 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 REQUIRED = [b for b in os.environ.get("FASTENC_REQUIRE_BACKENDS", "").split(",") if b]
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped, with the reason, without one)")
+
+
 def _pairs():
     for name in backends.BACKENDS:
         for device in DEVICES:
@@ -67,3 +71,29 @@ def assert_close_to_oracle(name: str, actual: torch.Tensor, oracle: torch.Tensor
             f"(torch in {actual.dtype} is off by {torch_err:.3g}); "
             f"got {actual.flatten()[err.argmax()].item():.6g}, oracle {oracle.flatten()[err.argmax()].item():.6g}"
         )
+
+
+def outputs_and_grads(fn, inputs, grad_outputs, cast=None):
+    """fn(*inputs)'s outputs (a tuple) and the gradients of its floating-point tensor inputs for grad_outputs.
+
+    `cast` (a dtype) converts the floating inputs and grad_outputs first: how the float64 oracle is run.
+    """
+    def prepare(t):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            return t
+        return (t.to(cast) if cast else t).detach().requires_grad_()
+
+    leaves = [prepare(t) for t in inputs]
+    outs = fn(*leaves)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    grad_outputs = [g.to(cast) if cast else g for g in grad_outputs]
+    wanted = [t for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
+    grads = torch.autograd.grad(outs, wanted, grad_outputs)
+    return [o.detach() for o in outs] + list(grads)
+
+
+def compare_with_oracle(names, ours, torch_results, oracle):
+    """assert_close_to_oracle for each named output / gradient."""
+    assert len(names) == len(ours) == len(torch_results) == len(oracle), (names, len(ours), len(oracle))
+    for name, a, t, o in zip(names, ours, torch_results, oracle):
+        assert_close_to_oracle(name, a, o, t)

@@ -10,7 +10,7 @@ import fastenc
 from fastenc import backends
 from fastenc import functional as F
 from fastenc.reference import layer_norm as reference
-from tests.conftest import DEVICES, assert_close_to_oracle
+from tests.conftest import DEVICES, compare_with_oracle, outputs_and_grads
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 # Odd widths on purpose: 1 (variance 0), primes, one past a power of two, a wide row; leading dims of any rank.
@@ -31,21 +31,11 @@ def _inputs(shape, dtype, device, residual=True, weight=True, bias=True, seed=0)
     return x, r, w, b
 
 
-def _run(fn, x, r, w, b, return_residual, dy, ds):
-    """Forward and gradients of whatever requires grad, from `fn(x, r, w, b)`."""
-    leaves = [t.detach().requires_grad_() if t is not None else None for t in (x, r, w, b)]
-    out = fn(*leaves)
-    outs = out if return_residual else (out,)
-    grads_out = (dy, ds)[: len(outs)]
-    wanted = [t for t in leaves if t is not None]
-    grads = torch.autograd.grad(outs, wanted, grads_out)
-    return [o.detach() for o in outs], list(grads)
-
-
 def _check(x, r, w, b, return_residual=False, eps=1e-5):
     shape = (x.shape[-1],)
     dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(x)
-    ds = torch.randn(x.shape, generator=torch.Generator().manual_seed(2)).to(x) if return_residual else None
+    grad_outputs = [dy] + ([torch.randn(x.shape, generator=torch.Generator().manual_seed(2)).to(x)]
+                           if return_residual else [])
 
     def ours(x, r, w, b):
         return F.layer_norm(x, shape, w, b, eps, residual=r, return_residual=return_residual)
@@ -59,14 +49,14 @@ def _check(x, r, w, b, return_residual=False, eps=1e-5):
         with fastenc.backend("reference"):
             return ours(x, r, w, b)
 
-    got = _run(ours, x, r, w, b, return_residual, dy, ds)
+    inputs = (x, r, w, b)
+    got = outputs_and_grads(ours, inputs, grad_outputs)
     assert backends.last_used()["layer_norm"] == fastenc.get_backend(), "the selected backend did not run"
-    want = _run(torch_eager, x, r, w, b, return_residual, dy, ds)
-    as64 = [None if t is None else t.double() for t in (x, r, w, b, dy, ds)]
-    exact = _run(oracle, *as64[:4], return_residual, *as64[4:])
-    names = ["y", "sum"][: len(got[0])] + [n for n, t in zip(["dx", "dresidual", "dweight", "dbias"], (x, r, w, b)) if t is not None]
-    for name, a, t, o in zip(names, got[0] + got[1], want[0] + want[1], exact[0] + exact[1]):
-        assert_close_to_oracle(name, a, o, t)
+    want = outputs_and_grads(torch_eager, inputs, grad_outputs)
+    exact = outputs_and_grads(oracle, inputs, grad_outputs, cast=torch.float64)
+    names = ["y", "sum"][: len(grad_outputs)]
+    names += [n for n, t in zip(["dx", "dresidual", "dweight", "dbias"], inputs) if t is not None]
+    compare_with_oracle(names, got, want, exact)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -125,10 +115,12 @@ def test_gradcheck(backend_device):
 def test_opcheck(backend_device):
     _, device = backend_device
     x, r, w, b = _inputs((4, 19), torch.float32, device)
+    name = fastenc.get_backend()
     for args in [(x, r, w, b, 1e-5, True), (x, None, w, None, 1e-6, False), (x, r, None, b, 1e-5, True)]:
-        torch.library.opcheck(torch.ops.fastenc.layer_norm.default, args)
-    y, s, mean, rstd = torch.ops.fastenc.layer_norm(x, r, w, b, 1e-5, True)
-    torch.library.opcheck(torch.ops.fastenc.layer_norm_backward.default, (torch.randn_like(y), None, s, w, mean, rstd, True))
+        torch.library.opcheck(torch.ops.fastenc.layer_norm.default, (*args, name))
+    y, s, mean, rstd = torch.ops.fastenc.layer_norm(x, r, w, b, 1e-5, True, name)
+    torch.library.opcheck(torch.ops.fastenc.layer_norm_backward.default,
+                          (torch.randn_like(y), None, s, w, mean, rstd, True, name))
 
 
 def test_torch_compile_fullgraph(backend_device):

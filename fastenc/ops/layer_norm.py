@@ -1,5 +1,6 @@
 """fastenc::layer_norm: residual-add + LayerNorm as a torch.library custom op, one autograd for all backends.
 
+The ops take the backend's name (from backends.select, in functional); the backward runs the forward's.
 Contract every implementation follows (reference, kernels/layer_norm.py, fastenc._C):
   layer_norm_forward(x, residual, weight, bias, eps, store_sum) -> (y, sum, mean, rstd)
       x, residual: (M, N), the same dtype; weight, bias: (N,) or None, in x.dtype or (for half / bfloat16 x)
@@ -28,14 +29,15 @@ backends.register(
 
 @torch.library.custom_op("fastenc::layer_norm", mutates_args=())
 def layer_norm(
-    x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, eps: float, store_sum: bool
+    x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, eps: float, store_sum: bool,
+    backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    impl = backends.resolve("layer_norm", x.device.type)
+    impl = backends.implementation("layer_norm", backend)
     return impl.layer_norm_forward(x, residual, weight, bias, eps, store_sum)
 
 
 @layer_norm.register_fake
-def _(x, residual, weight, bias, eps, store_sum):
+def _(x, residual, weight, bias, eps, store_sum, backend):
     rows = x.shape[0]
     summed = x.new_empty(x.shape) if store_sum and residual is not None else x.new_empty(0)
     stats = stat_dtype(x.dtype)
@@ -44,14 +46,15 @@ def _(x, residual, weight, bias, eps, store_sum):
 
 @torch.library.custom_op("fastenc::layer_norm_backward", mutates_args=())
 def layer_norm_backward(
-    dy: Tensor, dsum: Tensor | None, xs: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor, has_bias: bool
+    dy: Tensor, dsum: Tensor | None, xs: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor, has_bias: bool,
+    backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    impl = backends.resolve("layer_norm", dy.device.type)
+    impl = backends.implementation("layer_norm", backend)
     return impl.layer_norm_backward(dy, dsum, xs, weight, mean, rstd, has_bias)
 
 
 @layer_norm_backward.register_fake
-def _(dy, dsum, xs, weight, mean, rstd, has_bias):
+def _(dy, dsum, xs, weight, mean, rstd, has_bias, backend):
     width = xs.shape[1]
     dweight = mean.new_empty(width if weight is not None else 0)
     dbias = mean.new_empty(width if has_bias else 0)
@@ -59,7 +62,7 @@ def _(dy, dsum, xs, weight, mean, rstd, has_bias):
 
 
 def _setup_context(ctx, inputs, output):
-    x, residual, weight, bias, _, store_sum = inputs
+    x, residual, weight, bias, _, store_sum, ctx.backend = inputs
     _, summed, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
     # Without the stored sum the backward has nothing to normalise; functional stores it whenever a gradient may
@@ -77,12 +80,13 @@ def _backward(ctx, dy, dsum, dmean, drstd):
     if dsum is not None and dsum.numel() == 0:
         dsum = None
     has_bias = ctx.bias_dtype is not None
-    dx, dweight, dbias = layer_norm_backward(dy, dsum, xs, weight, mean, rstd, has_bias)
+    dx, dweight, dbias = layer_norm_backward(dy, dsum, xs, weight, mean, rstd, has_bias, ctx.backend)
     return (
         dx,
         dx if ctx.has_residual else None,
         dweight.to(weight.dtype) if weight is not None else None,
         dbias.to(ctx.bias_dtype) if has_bias else None,
+        None,
         None,
         None,
     )

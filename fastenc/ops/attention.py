@@ -1,0 +1,78 @@
+"""fastenc::attention: scaled dot-product attention as a torch.library custom op, one autograd for all backends.
+
+Contract every implementation follows (reference, kernels/attention.py):
+  attention_forward(q, k, v, bias, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                    is_causal, scale, dropout_p, dropout_seed) -> (out, lse)
+      Padded layout: q (B, H, S_q, D), k / v (B, H, S_k, D); bias None or float broadcast (expanded) to
+      (B, H, S_q, S_k); key_padding_mask None or (B, S_k) bool, True = ignore. lse: (B, H, S_q).
+      Packed layout (cu_seqlens given, int32 (B + 1,)): q (T_q, H, D), k / v (T_k, H, D), no bias or key
+      padding (sequences are their own masks); lse: (H, T_q).
+      out is contiguous in q's dtype; lse float32 (float64 for float64 input), +inf for a fully masked row.
+      dropout_seed: an int64 scalar tensor when dropout_p > 0 (the same seed gives the same mask).
+  attention_backward(dout, q, k, v, out, lse, <the same mask arguments>) -> (dq, dk, dv), contiguous.
+The ops take the backend's name (from backends.select, in functional); the backward runs the forward's.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastenc import backends
+
+backends.register("attention", {"reference": "fastenc.reference.attention", "triton": "fastenc.kernels.attention"})
+
+
+@torch.library.custom_op("fastenc::attention", mutates_args=())
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, key_padding_mask: Tensor | None,
+    cu_seqlens_q: Tensor | None, cu_seqlens_k: Tensor | None, max_seqlen_q: int, max_seqlen_k: int,
+    is_causal: bool, scale: float, dropout_p: float, dropout_seed: Tensor | None, backend: str,
+) -> tuple[Tensor, Tensor]:
+    impl = backends.implementation("attention", backend)
+    return impl.attention_forward(q, k, v, bias, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                  max_seqlen_k, is_causal, scale, dropout_p, dropout_seed)
+
+
+@attention.register_fake
+def _(q, k, v, bias, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale,
+      dropout_p, dropout_seed, backend):
+    lse_shape = (q.shape[1], q.shape[0]) if cu_seqlens_q is not None else q.shape[:3]
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=lse_dtype)
+
+
+@torch.library.custom_op("fastenc::attention_backward", mutates_args=())
+def attention_backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, bias: Tensor | None,
+    key_padding_mask: Tensor | None, cu_seqlens_q: Tensor | None, cu_seqlens_k: Tensor | None, max_seqlen_q: int,
+    max_seqlen_k: int, is_causal: bool, scale: float, dropout_p: float, dropout_seed: Tensor | None, backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    impl = backends.implementation("attention", backend)
+    return impl.attention_backward(dout, q, k, v, out, lse, bias, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
+                                   max_seqlen_q, max_seqlen_k, is_causal, scale, dropout_p, dropout_seed)
+
+
+@attention_backward.register_fake
+def _(dout, q, k, v, out, lse, *masks):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, *masks = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    bias, key_padding_mask, cu_seqlens_q, cu_seqlens_k, _, _, _, _, _, dropout_seed, _ = masks
+    ctx.save_for_backward(q, k, v, out, lse, bias, key_padding_mask, cu_seqlens_q, cu_seqlens_k, dropout_seed)
+    ctx.sizes_flags_backend = masks[4:9] + masks[10:]  # max_seqlen_q/k, is_causal, scale, dropout_p, backend
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, bias, key_padding_mask, cu_q, cu_k, seed = ctx.saved_tensors
+    max_q, max_k, is_causal, scale, dropout_p, backend = ctx.sizes_flags_backend
+    dq, dk, dv = attention_backward(dout, q, k, v, out, lse, bias, key_padding_mask, cu_q, cu_k, max_q, max_k,
+                                    is_causal, scale, dropout_p, seed, backend)
+    return dq, dk, dv, *([None] * 11)
+
+
+attention.register_autograd(_backward, setup_context=_setup_context)

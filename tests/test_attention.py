@@ -1,0 +1,276 @@
+"""Fused attention: every backend with an implementation against a float64 oracle and torch's SDPA."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import fastenc
+from fastenc import backends
+from fastenc import functional as F
+from fastenc.reference.attention import attention_math
+from tests.conftest import compare_with_oracle, outputs_and_grads
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (B, H, S_q, S_k, D): lengths of 1, primes, S_q != S_k both ways, head dims that are not powers of two.
+SHAPES = [(1, 2, 1, 1, 16), (2, 3, 7, 7, 40), (1, 2, 65, 33, 80), (2, 1, 33, 65, 96), (1, 1, 31, 17, 128),
+          (1, 1, 9, 13, 256)]
+
+
+@pytest.fixture
+def attention_backend(backend_device):
+    name, device = backend_device
+    if name not in backends.implemented("attention"):
+        pytest.skip(f"{name} has no attention of its own (it runs the reference, see test_backends)")
+    return name, device
+
+
+def _skip_unsupported(name, device, dtype):
+    if name == "triton" and device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("Triton's interpreter computes bf16 tl.dot wrongly (triton #11584): bf16 runs on GPU only")
+
+
+def _qkv(b, h, s_q, s_k, d, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, h, s, d, generator=g).to(dtype).to(device) for s in (s_q, s_k, s_k)]
+
+
+def _torch_mask(b, h, s_q, s_k, attn_mask, key_padding_mask, is_causal, dtype, device):
+    """One additive mask for SDPA with everything fastenc was told, or None."""
+    mask = torch.zeros(b, h, s_q, s_k, dtype=dtype, device=device)
+    if attn_mask is not None:
+        mask = mask + (attn_mask.to(dtype) if attn_mask.is_floating_point()
+                       else torch.zeros_like(attn_mask, dtype=dtype).masked_fill(~attn_mask, -math.inf))
+    if key_padding_mask is not None:
+        mask = mask.masked_fill(key_padding_mask[:, None, None, :], -math.inf)
+    if is_causal:
+        mask = mask.masked_fill(torch.ones(s_q, s_k, dtype=torch.bool, device=device).triu(1), -math.inf)
+    return mask
+
+
+def _check(q, k, v, attn_mask=None, key_padding_mask=None, is_causal=False, scale=None):
+    b, h, s_q, d = q.shape
+    s_k = k.shape[2]
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(7)).to(q)
+
+    def ours(q, k, v):
+        return F.attention(q, k, v, attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal,
+                           scale=scale)
+
+    def sdpa(q, k, v):
+        mask = _torch_mask(b, h, s_q, s_k, attn_mask, key_padding_mask, is_causal, q.dtype, q.device)
+        return TF.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+    def oracle(q, k, v):
+        with fastenc.backend("reference"):
+            return ours(q, k, v)
+
+    got = outputs_and_grads(ours, (q, k, v), [dout])
+    assert backends.last_used()["attention"] == fastenc.get_backend(), "the selected backend did not run"
+    # SDPA gives NaN where a row sees no key; fastenc defines those rows as 0 (the oracle agrees).
+    want = [t.nan_to_num(0.0) for t in outputs_and_grads(sdpa, (q, k, v), [dout])]
+    exact = outputs_and_grads(oracle, (q, k, v), [dout], cast=torch.float64)
+    compare_with_oracle(["out", "dq", "dk", "dv"], got, want, exact)
+    return got
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_attention(attention_backend, shape, dtype):
+    name, device = attention_backend
+    _skip_unsupported(name, device, dtype)
+    _check(*_qkv(*shape, dtype, device))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("s_q,s_k", [(19, 19), (13, 40), (40, 13)])
+def test_causal(attention_backend, s_q, s_k, dtype):
+    _, device = attention_backend
+    _check(*_qkv(2, 2, s_q, s_k, 32, dtype, device), is_causal=True)
+
+
+def test_masks(attention_backend):
+    _, device = attention_backend
+    b, h, s_q, s_k = 3, 2, 21, 37
+    q, k, v = _qkv(b, h, s_q, s_k, 48, torch.float32, device)
+    g = torch.Generator().manual_seed(3)
+    padding = torch.arange(s_k)[None, :] >= torch.tensor([[37], [5], [0]])  # full, short, and fully padded
+    padding = padding.to(device)
+    allowed = (torch.rand(s_q, s_k, generator=g) > 0.3).to(device)  # bool, True = may attend (SDPA's meaning)
+    additive = torch.randn(b, 1, s_q, s_k, generator=g).to(device)
+    _check(q, k, v, key_padding_mask=padding)
+    _check(q, k, v, attn_mask=allowed)
+    _check(q, k, v, attn_mask=additive, scale=0.3)
+    _check(q, k, v, attn_mask=allowed, key_padding_mask=padding, is_causal=True)
+
+
+def test_fully_masked_rows_give_zero_and_finite_gradients(attention_backend):
+    _, device = attention_backend
+    q, k, v = _qkv(2, 1, 6, 6, 16, torch.float32, device)
+    allowed = torch.ones(6, 6, dtype=torch.bool, device=device)
+    allowed[2] = False  # query 2 may see nothing
+    padding = torch.tensor([[False] * 6, [True] * 6], device=device)  # sequence 1 has no keys at all
+    out, dq, dk, dv = _check(q, k, v, attn_mask=allowed, key_padding_mask=padding)
+    assert torch.all(out[:, :, 2] == 0) and torch.all(out[1] == 0)
+    assert all(torch.isfinite(t).all() for t in (dq, dk, dv))
+    assert torch.all(dk[1] == 0) and torch.all(dv[1] == 0)
+
+
+def _dropout_mask(name, device, b, h, s_q, s_k, p, seed):
+    """The keep mask the backend draws for `seed`: with q = 0 every key gets weight 1 / S_k, and v = I makes
+    the output column j that weight times the dropout decision for key j."""
+    d = max(16, s_k)
+    q = torch.zeros(b, h, s_q, d, device=device)
+    k = torch.randn(b, h, s_k, d, device=device)
+    v = torch.eye(s_k, d, device=device).expand(b, h, s_k, d)
+    torch.manual_seed(seed)
+    with fastenc.backend(name):
+        out = F.attention(q, k, v, dropout_p=p)
+    return out[..., :s_k] > 0.5 / s_k
+
+
+def test_dropout(attention_backend):
+    name, device = attention_backend
+    b, h, s_q, s_k, p = 2, 2, 24, 40, 0.25
+    keep = _dropout_mask(name, device, b, h, s_q, s_k, p, seed=11)
+    # Keep rate: 3840 Bernoulli draws, so 5 standard deviations is about 0.035.
+    sd = math.sqrt(p * (1 - p) / keep.numel())
+    assert abs(keep.float().mean().item() - (1 - p)) < 5 * sd
+    assert torch.equal(keep, _dropout_mask(name, device, b, h, s_q, s_k, p, seed=11)), "same seed, same mask"
+    assert not torch.equal(keep, _dropout_mask(name, device, b, h, s_q, s_k, p, seed=12)), "another seed, another"
+
+    # Forward and backward with random inputs use that same mask: compare with the math on it in float64.
+    q, k, v = _qkv(b, h, s_q, s_k, 32, torch.float32, device, seed=5)
+    dout = torch.randn_like(q)
+
+    def ours(q, k, v):
+        torch.manual_seed(11)
+        return F.attention(q, k, v, dropout_p=p)
+
+    def with_mask(q, k, v):
+        return attention_math(q, k, v, keep=keep, dropout_p=p)[0]
+
+    got = outputs_and_grads(ours, (q, k, v), [dout])
+    exact = outputs_and_grads(with_mask, (q, k, v), [dout], cast=torch.float64)
+    low = outputs_and_grads(with_mask, (q, k, v), [dout])
+    compare_with_oracle(["out", "dq", "dk", "dv"], got, low, exact)
+
+
+def _pack(x, lengths):
+    """(B, H, S, D) padded -> (T, H, D) packed tokens."""
+    return torch.cat([x[i, :, :n].transpose(0, 1) for i, n in enumerate(lengths)])
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_varlen_equals_padded(attention_backend, is_causal):
+    _, device = attention_backend
+    lengths_q = [5, 1, 23, 17]
+    lengths_k = lengths_q if is_causal else [9, 4, 30, 1]
+    s_q, s_k = max(lengths_q), max(lengths_k)
+    q, k, v = _qkv(len(lengths_q), 2, s_q, s_k, 40, torch.float16, device, seed=9)
+    padding = torch.arange(s_k, device=device)[None, :] >= torch.tensor(lengths_k, device=device)[:, None]
+    cu_q = torch.tensor([0] + lengths_q, device=device).cumsum(0).to(torch.int32)
+    cu_k = torch.tensor([0] + lengths_k, device=device).cumsum(0).to(torch.int32)
+    packed = [_pack(q, lengths_q), _pack(k, lengths_k), _pack(v, lengths_k)]
+    dout = torch.randn_like(packed[0])
+
+    def varlen(q, k, v):
+        return F.attention_varlen(q, k, v, cu_q, cu_k, s_q, s_k, is_causal=is_causal)
+
+    def padded(q, k, v):
+        return _pack(F.attention(q, k, v, key_padding_mask=padding, is_causal=is_causal), lengths_q)
+
+    got = outputs_and_grads(varlen, packed, [dout])
+    assert backends.last_used()["attention"] == fastenc.get_backend()
+    want = outputs_and_grads(padded, (q, k, v), [dout])
+    want = [want[0], _pack(want[1], lengths_q), _pack(want[2], lengths_k), _pack(want[3], lengths_k)]
+    for name, a, b in zip(["out", "dq", "dk", "dv"], got, want):
+        torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3, msg=lambda m: f"{name}: {m}")
+
+
+def test_opcheck(attention_backend):
+    name, device = attention_backend
+    q, k, v = _qkv(2, 2, 9, 12, 16, torch.float32, device)
+    padding = torch.zeros(2, 12, dtype=torch.bool, device=device)
+    padding[1, 7:] = True
+    bias = torch.randn(9, 12, device=device).expand(2, 2, 9, 12)
+    torch.library.opcheck(torch.ops.fastenc.attention.default,
+                          (q, k, v, bias, padding, None, None, 9, 12, True, 0.25, 0.0, None, name))
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32, device=device)
+    packed = [t[0, 0].reshape(-1, 1, 16)[:9].contiguous() for t in (q, k, v)]
+    torch.library.opcheck(torch.ops.fastenc.attention.default,
+                          (*packed, None, None, cu, cu, 5, 5, False, 0.25, 0.0, None, name))
+
+
+def test_torch_compile_fullgraph(attention_backend):
+    _, device = attention_backend
+    q, k, v = _qkv(2, 2, 11, 11, 16, torch.float32, device)
+
+    def step(q, k, v):
+        return F.attention(q * 2, k, v, is_causal=True).square().sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    for a, e in zip(torch.autograd.grad(compiled(*leaves), leaves), torch.autograd.grad(step(*leaves), leaves)):
+        torch.testing.assert_close(a, e)
+
+
+def test_autocast_runs_in_the_autocast_dtype():
+    q, k, v = _qkv(1, 2, 8, 8, 16, torch.float32, "cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16), fastenc.backend("reference"):
+        out = F.attention(q, k, v)
+    assert out.dtype == torch.bfloat16
+
+
+def _base():
+    return dict(q=torch.randn(2, 3, 5, 8), k=torch.randn(2, 3, 7, 8), v=torch.randn(2, 3, 7, 8))
+
+
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        (dict(q=torch.randn(2, 3, 5)), ValueError, "q must be 4-D"),
+        (dict(k=torch.randn(2, 3, 7, 8, dtype=torch.float64)), ValueError, "k is torch.float64"),
+        (dict(v=torch.randn(2, 3, 6, 8)), ValueError, "k and v must have the same shape"),
+        (dict(k=torch.randn(2, 4, 7, 8), v=torch.randn(2, 4, 7, 8)), ValueError, "heads and head dim"),
+        (dict(attn_mask=torch.ones(5, 6, dtype=torch.bool)), ValueError, "attn_mask of shape"),
+        (dict(attn_mask=torch.ones(5, 7, dtype=torch.int32)), TypeError, "attn_mask must be"),
+        (dict(attn_mask=torch.zeros(5, 7, requires_grad=True)), NotImplementedError, "attn_mask requires grad"),
+        (dict(key_padding_mask=torch.zeros(2, 7)), TypeError, "key_padding_mask must be a bool"),
+        (dict(key_padding_mask=torch.zeros(2, 5, dtype=torch.bool)), ValueError, "key_padding_mask must have"),
+        (dict(dropout_p=1.0), ValueError, "dropout_p"),
+    ],
+)
+def test_bad_input_names_the_argument(change, error, match):
+    args = _base()
+    args.update(change)
+    q, k, v = args.pop("q"), args.pop("k"), args.pop("v")
+    with pytest.raises(error, match=match):
+        F.attention(q, k, v, **args)
+
+
+@pytest.mark.parametrize(
+    "cu,match",
+    [
+        (torch.tensor([0, 3, 9], dtype=torch.int32), "cu_seqlens_q must rise from 0 to the number of tokens"),
+        (torch.tensor([[0, 3, 8]], dtype=torch.int32), "cu_seqlens_q must be a 1-D int32"),
+        (torch.tensor([0.0, 3.0, 8.0]), "cu_seqlens_q must be a 1-D int32"),
+    ],
+)
+def test_varlen_bad_cu_seqlens(cu, match):
+    q = torch.randn(8, 2, 16)
+    good = torch.tensor([0, 3, 8], dtype=torch.int32)
+    with pytest.raises(ValueError, match=match):
+        F.attention_varlen(q, q, q, cu, good)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="large shapes run on a GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("s,d", [(1000, 64), (1024, 128), (513, 80), (257, 256)])
+def test_large_on_gpu(s, d, dtype):
+    with fastenc.backend("triton"):
+        _check(*_qkv(2, 4, s, s, d, dtype, "cuda"), is_causal=s % 2 == 1)
