@@ -1,0 +1,132 @@
+"""fastenc.nn.MultiheadAttention against torch.nn.MultiheadAttention with the same weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastenc
+
+E, H, L, S, N = 24, 3, 7, 9, 2
+
+
+def _pair(device, **kwargs):
+    torch.manual_seed(0)
+    theirs = torch.nn.MultiheadAttention(E, H, device=device, **kwargs)
+    ours = fastenc.nn.MultiheadAttention(E, H, device=device, **kwargs)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    with torch.no_grad():
+        for p in theirs.parameters():  # torch initialises the biases to 0: make every parameter matter
+            p.normal_(0, 0.3)
+    ours.load_state_dict(theirs.state_dict())
+    return ours.eval(), theirs.eval()
+
+
+def _inputs(device, batch_first, kdim=E, vdim=E, self_attention=True, batched=True):
+    g = torch.Generator().manual_seed(1)
+
+    def rand(length, width):
+        shape = ((N, length) if batch_first else (length, N)) if batched else (length,)
+        return torch.randn(*shape, width, generator=g).to(device)
+
+    q = rand(L if not self_attention else L, E)
+    if self_attention:
+        return q, q, q
+    return q, rand(S, kdim), rand(S, vdim)
+
+
+def _compare(ours, theirs, inputs, **kwargs):
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    if inputs[0] is inputs[1] is inputs[2]:
+        leaves = [leaves[0]] * 3
+    out, weights = ours(*leaves, need_weights=False, **kwargs)
+    expected, _ = theirs(*leaves, need_weights=False, **kwargs)
+    assert weights is None
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
+    dy = torch.randn_like(out)
+    params_ours, params_theirs = list(ours.parameters()), list(theirs.parameters())
+    unique = list({id(t): t for t in leaves}.values())
+    got = torch.autograd.grad(out, unique + params_ours, dy)
+    want = torch.autograd.grad(expected, unique + params_theirs, dy)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=5e-5, rtol=5e-5)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize(
+    "kwargs", [dict(), dict(bias=False), dict(add_bias_kv=True), dict(add_zero_attn=True),
+               dict(add_bias_kv=True, add_zero_attn=True)], ids=str)
+def test_self_attention(backend_device, batch_first, kwargs):
+    _, device = backend_device
+    ours, theirs = _pair(device, batch_first=batch_first, **kwargs)
+    _compare(ours, theirs, _inputs(device, batch_first))
+
+
+def test_cross_attention_with_kdim_vdim(backend_device):
+    _, device = backend_device
+    ours, theirs = _pair(device, kdim=10, vdim=14, batch_first=True)
+    _compare(ours, theirs, _inputs(device, True, kdim=10, vdim=14, self_attention=False))
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "float"])
+@pytest.mark.parametrize("padding_kind", [None, "bool", "float"])
+@pytest.mark.parametrize("mask_dim", [None, 2, 3])
+def test_masks(backend_device, mask_kind, padding_kind, mask_dim):
+    _, device = backend_device
+    ours, theirs = _pair(device, batch_first=True, add_bias_kv=mask_dim == 3)
+    x = _inputs(device, True)
+    g = torch.Generator().manual_seed(4)
+    kwargs = {}
+    if mask_dim is not None:
+        shape = (L, L) if mask_dim == 2 else (N * H, L, L)
+        allowed = torch.rand(shape, generator=g) > 0.3
+        allowed[..., 0] = True  # every query keeps a key, so torch has no NaN rows
+        mask = ~allowed if mask_kind == "bool" else torch.randn(shape, generator=g).masked_fill(~allowed, -1e9)
+        kwargs["attn_mask"] = mask.to(device)
+    if padding_kind is not None:
+        pad = torch.arange(L)[None, :] >= torch.tensor([[L], [4]])
+        kwargs["key_padding_mask"] = (pad if padding_kind == "bool" else pad.float() * -1e9).to(device)
+    _compare(ours, theirs, x, **kwargs)
+
+
+def test_causal_hint(backend_device):
+    _, device = backend_device
+    ours, theirs = _pair(device)
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(L, device=device)
+    _compare(ours, theirs, _inputs(device, False), attn_mask=causal, is_causal=True)
+    with pytest.raises(RuntimeError, match="attn_mask"):
+        ours(*_inputs(device, False), need_weights=False, is_causal=True)
+
+
+def test_unbatched(backend_device):
+    _, device = backend_device
+    ours, theirs = _pair(device)
+    _compare(ours, theirs, _inputs(device, False, batched=False))
+
+
+def test_need_weights_returns_torchs_weights():
+    ours, theirs = _pair("cpu", batch_first=True)
+    x = _inputs("cpu", True)
+    out, weights = ours(*x)
+    expected, expected_weights = theirs(*x)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(weights, expected_weights)
+
+
+def test_dropout_only_in_training():
+    ours, _ = _pair("cpu", dropout=0.5, batch_first=True)
+    x = _inputs("cpu", True)
+    torch.testing.assert_close(ours(*x, need_weights=False)[0], ours(*x, need_weights=False)[0])
+    ours.train()
+    torch.manual_seed(3)
+    first = ours(*x, need_weights=False)[0]
+    torch.manual_seed(3)
+    assert torch.equal(first, ours(*x, need_weights=False)[0])
+    assert not torch.allclose(first, ours.eval()(*x, need_weights=False)[0])
+
+
+def test_wrong_feature_width_names_the_argument():
+    ours, _ = _pair("cpu", batch_first=True)
+    x = torch.randn(N, L, E + 1)
+    with pytest.raises(ValueError, match="query must be"):
+        ours(x, x, x, need_weights=False)
