@@ -2,6 +2,7 @@
 
 from fastenc import functional, nn
 from fastenc._info import info
+from fastenc.convert import convert
 from fastenc._version import __version__
 from fastenc.backends import available_backends, backend, get_backend, set_backend
 
@@ -9,6 +10,7 @@ __all__ = [
     "__version__",
     "available_backends",
     "backend",
+    "convert",
     "functional",
     "get_backend",
     "info",

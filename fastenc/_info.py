@@ -21,12 +21,10 @@ def _version_of(module: str) -> str | None:
 
 
 def _extension() -> dict[str, Any]:
-    reason = backends._probe("native")
+    reason = backends.unavailable_reason("native")
     if reason is not None:
         return {"built": False, "reason": reason}
-    from fastenc import _C
-
-    return {"built": True, "cuda_archs": list(_C.cuda_archs())}
+    return {"built": True, "cuda_archs": backends.CUDA_ARCHS}
 
 
 def info(file: IO[str] | None = sys.stdout) -> dict[str, Any]:
@@ -42,7 +40,7 @@ def info(file: IO[str] | None = sys.stdout) -> dict[str, Any]:
         "cpu_threads": torch.get_num_threads(),
         "triton_interpreter": backends.INTERPRETER,
         "available_backends": backends.available_backends(),
-        "unavailable_backends": {b: backends._probe(b) for b in backends.BACKENDS if backends._probe(b)},
+        "unavailable_backends": backends.UNAVAILABLE,
         "backend": backends.get_backend(),
         "extension": _extension(),
         "last_used": backends.last_used(),

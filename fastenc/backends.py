@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 import importlib
+import importlib.util
 import os
 from types import ModuleType
 from typing import Iterator
@@ -58,42 +58,44 @@ def implemented(op: str) -> list[str]:
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
-def _probe(backend: str) -> str | None:
-    """None when `backend` can run on this machine, else the reason it cannot."""
-    if backend == "reference":
-        return None
-    if backend == "triton":
-        try:
-            importlib.import_module("triton")
-        except ImportError as e:
-            return f"triton is not installed ({e})"
-        import torch
+def _probe_machine() -> tuple[dict[str, str], list[str]]:
+    """Once, at import: {backend: why it cannot run} for the backends that cannot, and the extension's CUDA archs.
+    Kept in plain data so that torch.compile can trace `select` without importing anything."""
+    import torch
 
-        if not torch.cuda.is_available() and not INTERPRETER:
-            return "no CUDA device, and TRITON_INTERPRET=1 was not set before import"
-        return None
-    if backend == "native":
-        try:
-            importlib.import_module("fastenc._C")
-        except ImportError as e:
-            return f"the extension fastenc._C is not built ({e}); build it with `pip install --no-build-isolation -e .`"
-        return None
-    return f"unknown backend {backend!r}; expected one of {BACKENDS} or {AUTO!r}"
+    unavailable: dict[str, str] = {}
+    if importlib.util.find_spec("triton") is None:
+        unavailable["triton"] = "triton is not installed"
+    elif not torch.cuda.is_available() and not INTERPRETER:
+        unavailable["triton"] = "no CUDA device, and TRITON_INTERPRET=1 was not set before import"
+    try:
+        extension = importlib.import_module("fastenc._C")
+    except ImportError as e:
+        unavailable["native"] = (f"the extension fastenc._C is not built ({e}); "
+                                 "build it with `pip install --no-build-isolation -e .`")
+        return unavailable, []
+    return unavailable, list(extension.cuda_archs())
+
+
+UNAVAILABLE, CUDA_ARCHS = _probe_machine()
+
+
+def unavailable_reason(backend: str) -> str | None:
+    """None when `backend` can run on this machine, else the reason it cannot."""
+    if backend not in BACKENDS:
+        return f"unknown backend {backend!r}; expected one of {BACKENDS} or {AUTO!r}"
+    return UNAVAILABLE.get(backend)
 
 
 def available_backends() -> list[str]:
     """The backends that can run here, in BACKENDS order."""
-    return [b for b in BACKENDS if _probe(b) is None]
+    return [b for b in BACKENDS if unavailable_reason(b) is None]
 
 
 def device_reason(backend: str, device_type: str) -> str | None:
     """None when `backend` runs tensors of `device_type`, else why not."""
-    if backend == "native" and device_type == "cuda":
-        from fastenc import _C
-
-        if not _C.cuda_archs():
-            return "fastenc._C was built without CUDA kernels"
+    if backend == "native" and device_type == "cuda" and not CUDA_ARCHS:
+        return "fastenc._C was built without CUDA kernels"
     if backend == "triton" and device_type == "cpu" and not INTERPRETER:
         return "Triton runs CPU tensors only under TRITON_INTERPRET=1 (set before import)"
     if device_type not in AUTO_ORDER:
@@ -104,7 +106,7 @@ def device_reason(backend: str, device_type: str) -> str | None:
 def _check_name(name: str) -> str:
     if name == AUTO:
         return name
-    reason = _probe(name)
+    reason = unavailable_reason(name)
     if reason is not None:
         raise ValueError(f"backend {name!r} is not available: {reason}")
     return name
@@ -142,7 +144,8 @@ def select(op: str, device_type: str) -> str:
     chosen = get_backend()
     if chosen == AUTO:
         order = AUTO_ORDER.get(device_type, ("reference",))
-        return next(b for b in order if b in impls and _probe(b) is None and device_reason(b, device_type) is None)
+        runnable = (b for b in order if unavailable_reason(b) is None and device_reason(b, device_type) is None)
+        return next(b for b in runnable if b in impls)
     reason = device_reason(chosen, device_type)
     if reason is not None:
         raise RuntimeError(f"backend {chosen!r} cannot run op {op!r} on {device_type} tensors: {reason}")

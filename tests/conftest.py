@@ -31,7 +31,7 @@ def pytest_configure(config):
 def _pairs():
     for name in backends.BACKENDS:
         for device in DEVICES:
-            probe = backends._probe(name)
+            probe = backends.unavailable_reason(name)
             reason = probe or backends.device_reason(name, device)
             # A required backend that cannot run is not skipped: selecting it fails the test, naming why.
             skip = reason and not (probe and name in REQUIRED)

@@ -16,7 +16,7 @@ from tests.conftest import REQUIRED
 
 
 def test_required_backends_are_available():
-    missing = {b: backends._probe(b) for b in REQUIRED if backends._probe(b) is not None}
+    missing = {b: backends.unavailable_reason(b) for b in REQUIRED if backends.unavailable_reason(b) is not None}
     assert not missing, f"FASTENC_REQUIRE_BACKENDS names backends that cannot run here: {missing}"
 
 

@@ -2,5 +2,6 @@
 
 from fastenc.nn.activation import MultiheadAttention
 from fastenc.nn.normalization import LayerNorm
+from fastenc.nn.transformer import TransformerEncoder, TransformerEncoderLayer
 
-__all__ = ["LayerNorm", "MultiheadAttention"]
+__all__ = ["LayerNorm", "MultiheadAttention", "TransformerEncoder", "TransformerEncoderLayer"]

@@ -95,3 +95,14 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         out = F.attention(*heads, attn_mask=bias, key_padding_mask=key_padding_mask, is_causal=is_causal,
                           dropout_p=self.dropout if self.training else 0.0)
         return self.out_proj(out.transpose(1, 2).reshape(n, l_q, e))
+
+    def forward_packed(self, x: Tensor, cu_seqlens: Tensor, max_seqlen: int, is_causal: bool = False) -> Tensor:
+        """Self-attention over packed tokens x (T, E) whose sequence i is x[cu_seqlens[i]:cu_seqlens[i + 1]]:
+        what forward gives at the unpadded positions of the padded batch, without computing the padding."""
+        if self.bias_k is not None or self.add_zero_attn or not self._qkv_same_embed_dim:
+            raise NotImplementedError("forward_packed supports self-attention without add_bias_kv / add_zero_attn")
+        t, e = x.shape
+        q, k, v = (p.view(t, self.num_heads, e // self.num_heads) for p in self._project(x, x, x, True))
+        out = F.attention_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, is_causal=is_causal,
+                                 dropout_p=self.dropout if self.training else 0.0)
+        return self.out_proj(out.reshape(t, e))

@@ -34,6 +34,8 @@ def _probabilities(q, k, bias, key_padding_mask, is_causal, scale) -> tuple[Tens
     if key_padding_mask is not None:
         masked = masked | key_padding_mask[:, None, None, :]
     scores = scores.masked_fill(masked, -math.inf)
+    if s_k == 0:  # no keys at all: every row is fully masked
+        return scores, torch.full(scores.shape[:-1], math.inf, dtype=acc, device=q.device)
     row_max = scores.amax(dim=-1, keepdim=True)
     row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max).detach()
     p = torch.exp(scores - row_max)

@@ -1,0 +1,135 @@
+"""fastenc.nn.TransformerEncoderLayer / TransformerEncoder: torch's encoder on fastenc's fused ops.
+
+The modules are torch's (subclasses: same constructor, parameters, state_dict and initialisation) with
+fastenc's attention and residual-add + LayerNorm inside. Given a bool `src_key_padding_mask` (and no mask other
+than a causal one), the tokens are packed once at the encoder's entry, every layer runs on packed tokens through
+variable-length attention, and the output is unpacked at the exit: no work is spent on padding. Outputs at padded
+positions are then 0 (torch leaves unspecified values there); everywhere else they are torch's. Under
+torch.compile the padded path runs (packing has a data-dependent shape).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as TF
+from torch import Tensor
+
+from fastenc import functional as F
+from fastenc.nn._swap import swap_classes
+
+
+def _check_key_padding_mask(mask: Tensor | None, batch: int, seq_len: int) -> None:
+    if mask is None:
+        return
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise TypeError(f"src_key_padding_mask must be bool (True = padding) or float, got {mask.dtype}")
+    if tuple(mask.shape) != (batch, seq_len):
+        raise ValueError(f"src_key_padding_mask must have shape (N, S) = {(batch, seq_len)}, got {tuple(mask.shape)}")
+
+
+def pack(x: Tensor, padding: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
+    """x (N, S, E) and padding (N, S) bool, True = pad -> (tokens (T, E), their flat index, cu_seqlens, max_seqlen).
+
+    Tokens keep their order, so a causal mask over packed positions equals one over the original positions."""
+    n, s, e = x.shape
+    lengths = (~padding).sum(dim=1)
+    index = (~padding).flatten().nonzero().squeeze(1)
+    cu_seqlens = TF.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    return x.reshape(n * s, e).index_select(0, index), index, cu_seqlens, int(lengths.max()) if n else 0
+
+
+def unpack(tokens: Tensor, index: Tensor, batch: int, seq_len: int) -> Tensor:
+    """The inverse of pack, with zeros at the padded positions: (N, S, E)."""
+    out = tokens.new_zeros(batch * seq_len, tokens.shape[-1])
+    return out.index_copy(0, index, tokens).view(batch, seq_len, -1)
+
+
+def _packable(mask: Tensor | None, padding: Tensor | None, is_causal: bool) -> bool:
+    # Packing needs the token count, a data-dependent shape: torch.compile takes the padded path instead.
+    return (padding is not None and padding.dtype == torch.bool and (mask is None or is_causal)
+            and not torch.compiler.is_compiling())
+
+
+class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
+    """Drop-in for `torch.nn.TransformerEncoderLayer` on fused attention and fused residual-add + LayerNorm."""
+
+    def __init__(self, d_model: int, nhead: int, *args, **kwargs) -> None:
+        if nhead <= 0 or d_model % nhead:
+            raise ValueError(f"nhead ({nhead}) must be positive and divide d_model ({d_model})")
+        super().__init__(d_model, nhead, *args, **kwargs)
+        swap_classes(self)
+
+    def forward(self, src: Tensor, src_mask: Tensor | None = None, src_key_padding_mask: Tensor | None = None,
+                is_causal: bool = False) -> Tensor:
+        width = self.self_attn.embed_dim
+        if src.dim() not in (2, 3) or src.shape[-1] != width:
+            raise ValueError(f"src must be (S, E), (S, N, E) or (N, S, E) with E = d_model = {width}, "
+                             f"got {tuple(src.shape)}")
+        if src.dim() == 3:
+            batch, seq_len = (src.shape[0], src.shape[1]) if self.self_attn.batch_first else (src.shape[1], src.shape[0])
+            _check_key_padding_mask(src_key_padding_mask, batch, seq_len)
+            if _packable(src_mask, src_key_padding_mask, is_causal):
+                x = src if self.self_attn.batch_first else src.transpose(0, 1)
+                tokens, index, cu_seqlens, max_seqlen = pack(x, src_key_padding_mask)
+                out = unpack(self.forward_packed(tokens, cu_seqlens, max_seqlen, is_causal), index, batch, seq_len)
+                return out if self.self_attn.batch_first else out.transpose(0, 1)
+
+        def attend(h: Tensor) -> Tensor:
+            return self.self_attn(h, h, h, attn_mask=src_mask, key_padding_mask=src_key_padding_mask,
+                                  need_weights=False, is_causal=is_causal)[0]
+
+        return self._block(src, attend)
+
+    def forward_packed(self, tokens: Tensor, cu_seqlens: Tensor, max_seqlen: int, is_causal: bool = False) -> Tensor:
+        """The layer on packed tokens (T, E) (see fastenc.nn.transformer.pack)."""
+        return self._block(tokens, lambda h: self.self_attn.forward_packed(h, cu_seqlens, max_seqlen, is_causal))
+
+    def _block(self, x: Tensor, attend) -> Tensor:
+        """The layer's body around an attention callable; every residual add is fused into a LayerNorm."""
+        if self.norm_first:
+            h, x = self._norm(self.norm2, self.dropout1(attend(self.norm1(x))), x, return_residual=True)
+            return x + self._ff_block(h)
+        x = self._norm(self.norm1, self.dropout1(attend(x)), x)
+        return self._norm(self.norm2, self._ff_block(x), x)
+
+    @staticmethod
+    def _norm(norm: torch.nn.LayerNorm, x: Tensor, residual: Tensor, return_residual: bool = False):
+        return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps, residual=residual,
+                            return_residual=return_residual)
+
+
+class TransformerEncoder(torch.nn.TransformerEncoder):
+    """Drop-in for `torch.nn.TransformerEncoder`; packs padded batches once for all its layers.
+
+    `enable_nested_tensor` and `mask_check` are accepted and kept; fastenc's padding-free path replaces nested
+    tensors, and needs no left-aligned padding.
+    """
+
+    def __init__(self, encoder_layer: torch.nn.TransformerEncoderLayer, num_layers: int, *args, **kwargs) -> None:
+        if not isinstance(encoder_layer, TransformerEncoderLayer):
+            encoder_layer = swap_classes(copy.deepcopy(encoder_layer))
+        super().__init__(encoder_layer, num_layers, *args, **kwargs)
+        swap_classes(self)
+
+    def forward(self, src: Tensor, mask: Tensor | None = None, src_key_padding_mask: Tensor | None = None,
+                is_causal: bool | None = None) -> Tensor:
+        first = self.layers[0]
+        batched = src.dim() == 3
+        seq_len = src.shape[1 if first.self_attn.batch_first and batched else 0]
+        is_causal = torch.nn.modules.transformer._detect_is_causal_mask(mask, is_causal, seq_len)
+        if batched and _packable(mask, src_key_padding_mask, is_causal):
+            x = src if first.self_attn.batch_first else src.transpose(0, 1)
+            _check_key_padding_mask(src_key_padding_mask, x.shape[0], seq_len)
+            tokens, index, cu_seqlens, max_seqlen = pack(x, src_key_padding_mask)
+            for layer in self.layers:
+                tokens = layer.forward_packed(tokens, cu_seqlens, max_seqlen, is_causal)
+            if self.norm is not None:
+                tokens = self.norm(tokens)
+            out = unpack(tokens, index, x.shape[0], seq_len)
+            return out if first.self_attn.batch_first else out.transpose(0, 1)
+        x = src
+        for layer in self.layers:
+            x = layer(x, src_mask=mask, src_key_padding_mask=src_key_padding_mask, is_causal=is_causal)
+        return x if self.norm is None else self.norm(x)

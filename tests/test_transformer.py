@@ -1,0 +1,201 @@
+"""fastenc.nn.TransformerEncoderLayer / TransformerEncoder and fastenc.convert against torch.nn."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+
+import fastenc
+
+D, NHEAD, FF = 16, 4, 24
+
+
+def _copy_of(torch_module, fastenc_module, scale=0.3):
+    """Non-trivial weights in the torch module, carried to fastenc's through the state_dict."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in torch_module.parameters():
+            p.normal_(0, scale)
+    assert list(fastenc_module.state_dict()) == list(torch_module.state_dict())
+    fastenc_module.load_state_dict(torch_module.state_dict())
+    return fastenc_module.eval(), torch_module.eval()
+
+
+def _layers(**kwargs):
+    kwargs = {"dropout": 0.0, **kwargs}
+    torch.manual_seed(0)
+    return _copy_of(torch.nn.TransformerEncoderLayer(D, NHEAD, FF, **kwargs),
+                    fastenc.nn.TransformerEncoderLayer(D, NHEAD, FF, **kwargs))
+
+
+def _compare(ours, theirs, x, valid=None, atol=1e-5, **kwargs):
+    """Forward and every gradient, at the positions `valid` marks (all by default)."""
+    x_ours, x_theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, expected = ours(x_ours, **kwargs), theirs(x_theirs, **kwargs)
+    keep = torch.ones_like(out) if valid is None else valid.to(out.dtype)
+    torch.testing.assert_close(out * keep, expected * keep, atol=atol, rtol=atol)
+    dy = torch.randn_like(out) * keep
+    got = torch.autograd.grad(out, [x_ours, *ours.parameters()], dy)
+    want = torch.autograd.grad(expected, [x_theirs, *theirs.parameters()], dy)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=10 * atol, rtol=10 * atol)
+    return out
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("activation", ["relu", "gelu", torch.nn.functional.silu], ids=["relu", "gelu", "silu"])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_layer_matches_torch(backend_device, norm_first, activation, batch_first):
+    _, device = backend_device
+    ours, theirs = _layers(norm_first=norm_first, activation=activation, batch_first=batch_first, device=device)
+    _compare(ours, theirs, torch.randn(5, 3, D, device=device))
+
+
+def test_layer_without_bias_and_unbatched(backend_device):
+    _, device = backend_device
+    ours, theirs = _layers(bias=False, device=device)
+    _compare(ours, theirs, torch.randn(6, D, device=device))
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_layer_masks(backend_device, norm_first):
+    _, device = backend_device
+    ours, theirs = _layers(norm_first=norm_first, batch_first=True, device=device)
+    x = torch.randn(3, 7, D, device=device)
+    padding = (torch.arange(7)[None, :] >= torch.tensor([[7], [3], [5]])).to(device)
+    valid = (~padding)[..., None]
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(7, device=device)
+    _compare(ours, theirs, x, valid, src_key_padding_mask=padding)  # packed, padding-free
+    _compare(ours, theirs, x, valid, src_key_padding_mask=padding, src_mask=causal, is_causal=True)  # packed
+    _compare(ours, theirs, x, src_mask=torch.randn(7, 7, device=device))  # padded path, float mask
+    _compare(ours, theirs, x, valid, src_mask=torch.rand(7, 7, device=device) > 0.8, src_key_padding_mask=padding)
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_encoder_stack(backend_device, norm_first):
+    _, device = backend_device
+    layer = torch.nn.TransformerEncoderLayer(D, NHEAD, FF, dropout=0.0, norm_first=norm_first, device=device)
+    ours, theirs = _copy_of(
+        torch.nn.TransformerEncoder(layer, 3, norm=torch.nn.LayerNorm(D, device=device), enable_nested_tensor=False),
+        fastenc.nn.TransformerEncoder(layer, 3, norm=torch.nn.LayerNorm(D, device=device),
+                                      enable_nested_tensor=False),
+    )
+    assert all(type(m) is fastenc.nn.TransformerEncoderLayer for m in ours.layers)
+    assert type(ours.norm) is fastenc.nn.LayerNorm
+    x = torch.randn(9, 4, D, device=device)
+    padding = (torch.arange(9)[None, :] >= torch.tensor([[9], [1], [6], [4]])).to(device)
+    _compare(ours, theirs, x)
+    _compare(ours, theirs, x, (~padding).t()[..., None], src_key_padding_mask=padding)
+
+
+def test_fully_padded_sequence_is_finite_and_isolated():
+    layer = fastenc.nn.TransformerEncoderLayer(D, NHEAD, FF, dropout=0.0, batch_first=True)
+    encoder = fastenc.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    x = torch.randn(3, 5, D, requires_grad=True)
+    padding = torch.tensor([[False] * 5, [True] * 5, [False] * 3 + [True] * 2])
+    out = encoder(x, src_key_padding_mask=padding)
+    assert torch.all(out[1] == 0) and torch.isfinite(out).all()
+    (grad,) = torch.autograd.grad(out.square().sum(), x)
+    assert torch.isfinite(grad).all() and torch.all(grad[1] == 0)
+    alone = encoder(x[[0, 2]], src_key_padding_mask=padding[[0, 2]])
+    torch.testing.assert_close(out[[0, 2]], alone)
+
+
+# PyTorch's published figures for TransformerEncoderLayer(4, 2, 16, dropout=0) with parameters set to
+# cos(0..n-1) (torch's test_nn): the output of one token, two tokens, and two with the first padded.
+PUBLISHED = [
+    ([[[20.0, 30.0, 40.0, 50.0]]], None, [[[2.258703, 0.127985, -0.697881, 0.170862]]]),
+    ([[[1.0, 2.0, 3.0, 4.0]], [[5.0, 6.0, 7.0, 8.0]]], None,
+     [[[2.272644, 0.119035, -0.691669, 0.153486]], [[2.272644, 0.119035, -0.691669, 0.153486]]]),
+    ([[[1.0, 2.0, 3.0, 4.0]], [[5.0, 6.0, 7.0, 8.0]]], [[True, False]],
+     [[[2.301516, 0.092249, -0.679101, 0.103088]], [[2.301516, 0.092249, -0.679101, 0.103088]]]),
+]
+
+
+@pytest.mark.parametrize("src,padding,expected", PUBLISHED)
+def test_published_figures(backend_device, src, padding, expected):
+    _, device = backend_device
+    layer = fastenc.nn.TransformerEncoderLayer(4, 2, 16, 0.0, device=device).eval()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.cos(torch.arange(p.numel(), dtype=torch.float32)).view(p.shape))
+        mask = None if padding is None else torch.tensor(padding, device=device)
+        out = layer(torch.tensor(src, device=device), src_key_padding_mask=mask)
+    expected = torch.tensor(expected, device=device)
+    valid = torch.ones_like(out) if mask is None else (~mask).t()[..., None].expand_as(out)
+    torch.testing.assert_close(out[valid.bool()], expected[valid.bool()], atol=1e-5, rtol=1e-5)
+
+
+def test_convert_replaces_modules_and_keeps_everything():
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = torch.nn.TransformerEncoder(
+                torch.nn.TransformerEncoderLayer(D, NHEAD, FF, dropout=0.0, batch_first=True), 2,
+                enable_nested_tensor=False)
+            self.attention = torch.nn.MultiheadAttention(D, 2, batch_first=True)
+            self.head = torch.nn.Sequential(torch.nn.LayerNorm(D), torch.nn.Linear(D, 3))
+
+        def forward(self, x, padding=None):
+            h = self.encoder(x, src_key_padding_mask=padding)
+            h = h + self.attention(h, h, h, key_padding_mask=padding, need_weights=False)[0]
+            return self.head(h)
+
+    model = Model().double().train()
+    x = torch.randn(2, 6, D, dtype=torch.float64)
+    padding = torch.tensor([[False] * 6, [False] * 4 + [True] * 2])
+    expected = model(x, padding)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    converted = fastenc.convert(model)
+    assert converted is model and model.training
+    assert type(model.encoder) is fastenc.nn.TransformerEncoder
+    assert type(model.encoder.layers[1].self_attn) is fastenc.nn.MultiheadAttention
+    assert type(model.attention) is fastenc.nn.MultiheadAttention
+    assert type(model.head[0]) is fastenc.nn.LayerNorm and type(model.head[1]) is torch.nn.Linear
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert next(model.parameters()).dtype == torch.float64
+    valid = (~padding)[..., None]
+    torch.testing.assert_close(model(x, padding) * valid, expected * valid)
+
+
+def test_copy_pickle_and_state_dict_round_trip():
+    layer = fastenc.nn.TransformerEncoderLayer(D, NHEAD, FF, dropout=0.0).eval()
+    x = torch.randn(4, 2, D)
+    for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert type(clone) is type(layer)
+        torch.testing.assert_close(clone(x), layer(x))
+    theirs = torch.nn.TransformerEncoderLayer(D, NHEAD, FF, dropout=0.0).eval()
+    theirs.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(theirs(x), layer(x))
+
+
+def test_torch_compile_fullgraph_encoder():
+    layer = fastenc.nn.TransformerEncoderLayer(D, NHEAD, FF, dropout=0.0, batch_first=True)
+    encoder = fastenc.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    x = torch.randn(2, 5, D)
+    padding = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    compiled = torch.compile(encoder, fullgraph=True, backend="aot_eager")
+    valid = (~padding)[..., None]
+    torch.testing.assert_close(compiled(x, src_key_padding_mask=padding) * valid,
+                               encoder(x, src_key_padding_mask=padding) * valid)
+
+
+@pytest.mark.parametrize(
+    "build,call,error,match",
+    [
+        (lambda: fastenc.nn.TransformerEncoderLayer(10, 3), None, ValueError, "nhead"),
+        (None, lambda m: m(torch.randn(3, 2, D + 1)), ValueError, "src must be"),
+        (None, lambda m: m(torch.randn(3, 2, D), src_key_padding_mask=torch.zeros(3, 2, dtype=torch.bool)),
+         ValueError, "src_key_padding_mask must have shape"),
+        (None, lambda m: m(torch.randn(3, 2, D), src_key_padding_mask=torch.zeros(2, 3, dtype=torch.int64)),
+         TypeError, "src_key_padding_mask must be bool"),
+    ],
+)
+def test_bad_input_names_the_argument(build, call, error, match):
+    with pytest.raises(error, match=match):
+        module = build() if build else fastenc.nn.TransformerEncoderLayer(D, NHEAD, FF)
+        if call:
+            call(module)
