@@ -10,9 +10,12 @@ from torch import Tensor
 
 from fastenc import backends
 from fastenc.ops import attention as _attention_op  # noqa: F401  (registers fastenc::attention)
+from fastenc.ops import bias_activation as _bias_activation_op  # noqa: F401  (registers fastenc::bias_activation)
 from fastenc.ops.layer_norm import AUTOCAST_FLOAT32_DEVICES
 
-__all__ = ["attention", "attention_varlen", "layer_norm"]
+__all__ = ["attention", "attention_varlen", "bias_activation", "layer_norm"]
+
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh")
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -227,3 +230,22 @@ def attention_varlen(
         float(dropout_p), _dropout_seed(dropout_p), backends.select("attention", q.device.type),
     )
     return out
+
+
+def bias_activation(input: Tensor, bias: Tensor | None, activation: str = "relu", dropout_p: float = 0.0) -> Tensor:
+    """`dropout(act(input + bias), dropout_p)` in one pass over the last dimension's rows: the epilogue of a
+    feed-forward block's first linear layer. activation: "relu", "gelu" (exact, erf) or "gelu_tanh".
+    Dropout applies whenever dropout_p > 0 (pass 0 in evaluation), with a mask regenerated in the backward.
+    """
+    if not isinstance(input, Tensor) or input.dtype not in _FLOAT_DTYPES or input.dim() == 0:
+        raise TypeError("input must be a floating-point Tensor with at least one dimension")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    width = input.shape[-1]
+    lowp = (torch.float32,) if input.dtype in (torch.float16, torch.bfloat16) else ()
+    _check_like("bias", bias, input, (width,), (input.dtype, *lowp))
+    y = torch.ops.fastenc.bias_activation(
+        input.reshape(-1, width), bias, activation, float(dropout_p), _dropout_seed(dropout_p),
+        backends.select("bias_activation", input.device.type),
+    )
+    return y.view(input.shape)

@@ -1,7 +1,8 @@
 """fastenc.nn.TransformerEncoderLayer / TransformerEncoder: torch's encoder on fastenc's fused ops.
 
 The modules are torch's (subclasses: same constructor, parameters, state_dict and initialisation) with
-fastenc's attention and residual-add + LayerNorm inside. Given a bool `src_key_padding_mask` (and no mask other
+fastenc's attention, residual-add + LayerNorm, and bias + activation + dropout after the first feed-forward
+linear layer (ReLU and GELU; another activation runs torch's feed-forward block). Given a bool `src_key_padding_mask` (and no mask other
 than a causal one), the tokens are packed once at the encoder's entry, every layer runs on packed tokens through
 variable-length attention, and the output is unpacked at the exit: no work is spent on padding. Outputs at padded
 positions are then 0 (torch leaves unspecified values there); everywhere else they are torch's. Under
@@ -44,6 +45,17 @@ def unpack(tokens: Tensor, index: Tensor, batch: int, seq_len: int) -> Tensor:
     """The inverse of pack, with zeros at the padded positions: (N, S, E)."""
     out = tokens.new_zeros(batch * seq_len, tokens.shape[-1])
     return out.index_copy(0, index, tokens).view(batch, seq_len, -1)
+
+
+def _fused_activation(fn) -> str | None:
+    """The name of the fused epilogue for a layer's activation, or None when it has none."""
+    if fn is TF.relu or isinstance(fn, torch.nn.ReLU):
+        return "relu"
+    if fn is TF.gelu:
+        return "gelu"
+    if isinstance(fn, torch.nn.GELU):
+        return "gelu" if fn.approximate == "none" else "gelu_tanh"
+    return None
 
 
 def _packable(mask: Tensor | None, padding: Tensor | None, is_causal: bool) -> bool:
@@ -93,6 +105,14 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
             return x + self._ff_block(h)
         x = self._norm(self.norm1, self.dropout1(attend(x)), x)
         return self._norm(self.norm2, self._ff_block(x), x)
+
+    def _ff_block(self, x: Tensor) -> Tensor:
+        activation = _fused_activation(self.activation)
+        if activation is None:  # an activation fastenc does not fuse: torch's block
+            return super()._ff_block(x)
+        h = TF.linear(x, self.linear1.weight)  # the bias is added in the fused epilogue
+        h = F.bias_activation(h, self.linear1.bias, activation, self.dropout.p if self.training else 0.0)
+        return self.dropout2(self.linear2(h))
 
     @staticmethod
     def _norm(norm: torch.nn.LayerNorm, x: Tensor, residual: Tensor, return_residual: bool = False):

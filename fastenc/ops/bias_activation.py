@@ -1,0 +1,61 @@
+"""fastenc::bias_activation: dropout(act(x + bias)) over the rows of x, as a torch.library custom op.
+
+Contract every implementation follows (reference, kernels/bias_activation.py):
+  bias_activation_forward(x, bias, activation, dropout_p, dropout_seed) -> y
+      x: (M, N); bias: (N,) or None (x's dtype, or float32); activation: "relu", "gelu" (exact) or "gelu_tanh";
+      dropout_seed: an int64 scalar tensor when dropout_p > 0. y: (M, N) contiguous in x's dtype.
+  bias_activation_backward(dy, x, bias, activation, dropout_p, dropout_seed) -> (dx, dbias)
+      dx in x's dtype; dbias: (N,) in float32 (float64 for float64 x), empty without a bias.
+The ops take the backend's name (from backends.select, in functional); the backward runs the forward's.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastenc import backends
+
+backends.register(
+    "bias_activation",
+    {"reference": "fastenc.reference.bias_activation", "triton": "fastenc.kernels.bias_activation"},
+)
+
+
+@torch.library.custom_op("fastenc::bias_activation", mutates_args=())
+def bias_activation(x: Tensor, bias: Tensor | None, activation: str, dropout_p: float, dropout_seed: Tensor | None,
+                    backend: str) -> Tensor:
+    impl = backends.implementation("bias_activation", backend)
+    return impl.bias_activation_forward(x, bias, activation, dropout_p, dropout_seed)
+
+
+@bias_activation.register_fake
+def _(x, bias, activation, dropout_p, dropout_seed, backend):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("fastenc::bias_activation_backward", mutates_args=())
+def bias_activation_backward(dy: Tensor, x: Tensor, bias: Tensor | None, activation: str, dropout_p: float,
+                             dropout_seed: Tensor | None, backend: str) -> tuple[Tensor, Tensor]:
+    impl = backends.implementation("bias_activation", backend)
+    return impl.bias_activation_backward(dy, x, bias, activation, dropout_p, dropout_seed)
+
+
+@bias_activation_backward.register_fake
+def _(dy, x, bias, activation, dropout_p, dropout_seed, backend):
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.new_empty(x.shape), x.new_empty(x.shape[1] if bias is not None else 0, dtype=acc)
+
+
+def _setup_context(ctx, inputs, output):
+    x, bias, ctx.activation, ctx.dropout_p, dropout_seed, ctx.backend = inputs
+    ctx.save_for_backward(x, bias, dropout_seed)
+
+
+def _backward(ctx, dy):
+    x, bias, seed = ctx.saved_tensors
+    dx, dbias = bias_activation_backward(dy, x, bias, ctx.activation, ctx.dropout_p, seed, ctx.backend)
+    return dx, (dbias.to(bias.dtype) if bias is not None else None), None, None, None, None
+
+
+bias_activation.register_autograd(_backward, setup_context=_setup_context)
