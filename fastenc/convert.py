@@ -9,11 +9,16 @@ from fastenc.nn._swap import swap_classes
 
 def convert(model: torch.nn.Module) -> torch.nn.Module:
     """Replace, in place, every torch.nn LayerNorm, MultiheadAttention, TransformerEncoderLayer and
-    TransformerEncoder in `model` (exact types, not user subclasses) with its fastenc counterpart.
+    TransformerEncoder in `model` (exact types, not user subclasses) with its fastenc counterpart; and run the
+    layers of Hugging Face BERT-family models (BertModel and the models built on it) on fastenc's kernels.
 
-    The fastenc modules are subclasses of torch's with the same state, so parameters, buffers, device, dtype,
-    training mode and hooks are kept as they are, and `state_dict` is unchanged. Returns `model`.
+    The fastenc modules are subclasses of the originals with the same state, so parameters, buffers, device,
+    dtype, training mode and hooks are kept as they are, and `state_dict` is unchanged. Returns `model`.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if any(type(m).__module__.startswith("transformers.") for m in model.modules()):
+        from fastenc import _huggingface  # transformers is an optional dependency
+
+        _huggingface.convert_bert(model)
     return swap_classes(model)
