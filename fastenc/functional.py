@@ -11,6 +11,7 @@ from torch import Tensor
 from fastenc import backends
 from fastenc.ops import attention as _attention_op  # noqa: F401  (registers fastenc::attention)
 from fastenc.ops import bias_activation as _bias_activation_op  # noqa: F401  (registers fastenc::bias_activation)
+from fastenc.ops import lstm as _lstm_op  # noqa: F401  (registers fastenc::lstm_layer)
 from fastenc.ops.layer_norm import AUTOCAST_FLOAT32_DEVICES
 
 __all__ = ["attention", "attention_varlen", "bias_activation", "layer_norm"]
@@ -249,3 +250,72 @@ def bias_activation(input: Tensor, bias: Tensor | None, activation: str = "relu"
         backends.select("bias_activation", input.device.type),
     )
     return y.view(input.shape)
+
+
+def _check_batch_sizes(batch_sizes: Tensor, rows: int) -> int:
+    """The batch size of a packed input (batch_sizes[0]), after checking batch_sizes as PackedSequence makes it."""
+    if not isinstance(batch_sizes, Tensor) or batch_sizes.dim() != 1 or batch_sizes.dtype != torch.int64:
+        raise ValueError("batch_sizes must be a 1-D int64 tensor (PackedSequence.batch_sizes)")
+    if batch_sizes.device.type != "cpu":
+        raise ValueError(f"batch_sizes must be on the CPU, as PackedSequence keeps it, got {batch_sizes.device}")
+    if batch_sizes.numel() == 0 or int(batch_sizes[-1]) < 1 or bool((batch_sizes[1:] > batch_sizes[:-1]).any()):
+        raise ValueError(f"batch_sizes must be positive and non-increasing, got {batch_sizes.tolist()}")
+    if int(batch_sizes.sum()) != rows:
+        raise ValueError(f"batch_sizes sum to {int(batch_sizes.sum())} but input has {rows} rows")
+    return int(batch_sizes[0])
+
+
+def lstm_layer(
+    input: Tensor,
+    h0: Tensor | None,
+    c0: Tensor | None,
+    weight_ih: Tensor,
+    weight_hh: Tensor,
+    bias_ih: Tensor | None = None,
+    bias_hh: Tensor | None = None,
+    weight_hr: Tensor | None = None,
+    *,
+    batch_sizes: Tensor | None = None,
+    reverse: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One LSTM layer in one direction, as one layer of `torch.nn.LSTM`: returns (output, h_n, c_n).
+
+    input: (T, B, input_size), or the (N, input_size) data of a PackedSequence with its `batch_sizes` (sorted by
+    length; output is then packed the same way). h0: (B, P), c0: (B, H) or None for zeros, where H is the hidden
+    size (weight_ih is (4H, input_size), gates i, f, g, o) and P the projection size (weight_hr (P, H)) or H.
+    reverse=True runs the sequence backwards (the second direction of a bidirectional LSTM).
+    The input projection of all steps is one GEMM in torch; the recurrence is the fused op fastenc::lstm_layer.
+    Under autocast the layer runs in the autocast dtype, as torch's LSTM does.
+    """
+    if not isinstance(input, Tensor) or input.dtype not in _FLOAT_DTYPES:
+        raise TypeError("input must be a float16, bfloat16, float32 or float64 Tensor")
+    packed = batch_sizes is not None
+    if input.dim() != (2 if packed else 3):
+        raise ValueError(f"input must be {'(N, input_size) with batch_sizes' if packed else '(T, B, input_size)'}, "
+                         f"got shape {tuple(input.shape)}")
+    if not isinstance(weight_ih, Tensor) or weight_ih.dim() != 2 or weight_ih.shape[0] % 4:
+        raise ValueError("weight_ih must be a (4 * hidden_size, input_size) Tensor")
+    hidden = weight_ih.shape[0] // 4
+    proj = hidden if weight_hr is None else (weight_hr.shape[0] if isinstance(weight_hr, Tensor) else -1)
+    batch = _check_batch_sizes(batch_sizes, input.shape[0]) if packed else input.shape[1]
+    if torch.is_autocast_enabled(input.device.type):
+        low = torch.get_autocast_dtype(input.device.type)
+        cast = lambda t: t if t is None else t.to(low)  # noqa: E731
+        input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr = map(
+            cast, (input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr))
+    same = (input.dtype,)
+    _check_like("weight_ih", weight_ih, input, (4 * hidden, input.shape[-1]), same)
+    _check_like("weight_hh", weight_hh, input, (4 * hidden, proj), same)
+    _check_like("bias_ih", bias_ih, input, (4 * hidden,), same)
+    _check_like("bias_hh", bias_hh, input, (4 * hidden,), same)
+    _check_like("weight_hr", weight_hr, input, (proj, hidden), same)
+    _check_like("h0", h0, input, (batch, proj), same)
+    _check_like("c0", c0, input, (batch, hidden), same)
+    h0 = input.new_zeros(batch, proj) if h0 is None else h0
+    c0 = input.new_zeros(batch, hidden) if c0 is None else c0
+    bias = bias_ih if bias_hh is None else (bias_hh if bias_ih is None else bias_ih + bias_hh)
+    gates_x = torch.nn.functional.linear(input, weight_ih, bias)
+    out, h_n, c_n, *_ = torch.ops.fastenc.lstm_layer(
+        gates_x, h0, c0, weight_hh, weight_hr, batch_sizes, bool(reverse), backends.select("lstm", input.device.type)
+    )
+    return out, h_n, c_n

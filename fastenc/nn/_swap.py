@@ -15,6 +15,7 @@ def replacements() -> dict[type, type]:
 
     return {
         torch.nn.LayerNorm: nn.LayerNorm,
+        torch.nn.LSTM: nn.LSTM,
         torch.nn.MultiheadAttention: nn.MultiheadAttention,
         torch.nn.TransformerEncoderLayer: nn.TransformerEncoderLayer,
         torch.nn.TransformerEncoder: nn.TransformerEncoder,

@@ -1,0 +1,79 @@
+"""`python -m bench`: measure the device's limits, run every op's cases with every provider, print and save.
+
+  python -m bench                           every op, the device's default shapes and dtypes
+  python -m bench --op layer_norm --dtype fp16,fp32
+  python -m bench --quick --out /tmp/q.json a few tiny cases with short timing (CI)
+  python -m bench --compare OLD.json NEW.json [--threshold 0.1] [--fail-on-regression]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _comma_list(values: list[str] | None) -> list[str] | None:
+    if not values:
+        return None
+    return [v.strip() for value in values for v in value.split(",") if v.strip()]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--op", action="append", help="op(s) to run (repeatable or a comma list); default: all")
+    p.add_argument("--dtype", action="append", help="dtype(s), e.g. bf16,fp16,fp32; default: per device")
+    p.add_argument("--quick", action="store_true", help="a few tiny cases, short timing, no torch.compile")
+    p.add_argument("--compile", dest="compile", action="store_true", default=None,
+                   help="include torch.compile even in quick mode")
+    p.add_argument("--no-compile", dest="compile", action="store_false", help="leave torch.compile out")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when there is one)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's); reported either way")
+    p.add_argument("--rounds", type=int, help="interleaved timing rounds per case (default 3; 1 with --quick)")
+    p.add_argument("--out", type=Path, help="results file (default: bench/results/<device>-<date>.json)")
+    p.add_argument("--no-plot", action="store_true", help="write no PNG")
+    p.add_argument("--markdown", action="store_true", help="print the table as markdown")
+    p.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"), type=Path,
+                   help="compare two results files instead of running")
+    p.add_argument("--threshold", type=float, default=0.10, help="regression threshold for --compare (0.10 = 10%%)")
+    p.add_argument("--fail-on-regression", action="store_true", help="--compare exits 1 when a case regressed")
+    p.add_argument("--list", action="store_true", help="list the cases that would run, and exit")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from bench import report
+
+    if args.compare:
+        lines, regressions = report.compare(report.load_results(args.compare[0]), report.load_results(args.compare[1]),
+                                            threshold=args.threshold)
+        print("\n".join(lines))
+        return 1 if regressions and args.fail_on_regression else 0
+
+    from bench import cases, runner
+
+    dtypes = [cases.parse_dtype(d) for d in _comma_list(args.dtype) or []] or None
+    ops = _comma_list(args.op)
+    device = runner.pick_device(args.device)
+    if args.list:
+        for case in cases.cases_for(device.type, quick=args.quick, ops=ops, dtypes=dtypes):
+            print(case.id)
+        return 0
+    results = runner.run(ops=ops, dtypes=dtypes, quick=args.quick, compile=args.compile, device=device,
+                         threads=args.threads, rounds=args.rounds)
+    print("\n".join(report.summary_lines(results, markdown=args.markdown)))
+    out = args.out or report.default_out_path(results)
+    report.write_results(results, out)
+    print(f"\nresults: {out}")
+    if not args.no_plot and results["rows"]:
+        from bench.plots import plot_results
+
+        for path in plot_results(results, out):
+            print(f"plot:    {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""Every benchmark case lives here: one `OpBench` entry per op, shared by `python -m bench` and pytest-benchmark.
+
+Adding an op = one `register(OpBench(...))` below: its shapes per device, dtypes, modes, how to make random
+inputs, the fastenc call, the torch call users would otherwise write (eager and `torch.compile` peers are built
+from it), and the work formula (bytes moved and / or FLOPs) that turns a time into a rate.
+
+An op's `fastenc_fn` and `torch_fn` take the dict from `make_inputs` and return one tensor; in "fwd+bwd" mode the
+runner differentiates that tensor with respect to `grad_inputs`. The backend is selected around the call by the
+runner (`with fastenc.backend(name)`), never inside these functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+FWD = "fwd"
+FWD_BWD = "fwd+bwd"
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float64": torch.float64, "fp64": torch.float64,
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name.strip().lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(set(DTYPES))}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Work:
+    """What one call of a case does: bytes that must cross memory at least once, and FLOPs (None: not counted)."""
+
+    bytes: int | None = None
+    flops: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class OpBench:
+    name: str
+    bound: str  # "memory" (rate in GB/s against the copy limit) or "compute" (TFLOP/s against the GEMM limit)
+    modes: tuple[str, ...]
+    shapes: dict[str, list[dict]]  # "cuda", "cpu" and "quick" (a few tiny cases for CI, any device)
+    dtypes: dict[str, tuple[torch.dtype, ...]]  # default dtypes per device type ("cuda", "cpu")
+    make_inputs: Callable[[dict, torch.dtype, torch.device, torch.Generator], dict[str, Tensor]]
+    grad_inputs: tuple[str, ...]  # inputs differentiated in fwd+bwd mode
+    fastenc_fn: Callable[[dict[str, Tensor]], Tensor]
+    torch_fn: Callable[[dict[str, Tensor]], Tensor]
+    work: Callable[[dict, torch.dtype, str], Work]
+    x_axis: tuple[str, Callable[[dict], float]]  # the size plotted on the x axis: (label, value of params)
+    # Further peers users might pick instead (e.g. SDPA per backend, cuDNN LSTM): name -> torch-only function.
+    extra_peers: dict[str, Callable[[dict[str, Tensor]], Tensor]] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    op: OpBench
+    params: dict
+    dtype: torch.dtype
+    mode: str
+
+    @property
+    def shape(self) -> str:
+        return ",".join(f"{k}={v}" for k, v in self.params.items())
+
+    @property
+    def id(self) -> str:
+        return f"{self.op.name}-{self.shape}-{dtype_name(self.dtype)}-{self.mode}"
+
+    def work(self) -> Work:
+        return self.op.work(self.params, self.dtype, self.mode)
+
+
+REGISTRY: dict[str, OpBench] = {}
+
+
+def register(op: OpBench) -> OpBench:
+    if op.name in REGISTRY:
+        raise ValueError(f"op {op.name!r} is registered twice")
+    REGISTRY[op.name] = op
+    return op
+
+
+def cases_for(
+    device_type: str, *, quick: bool = False, ops: list[str] | None = None, dtypes: list[torch.dtype] | None = None
+) -> list[Case]:
+    """The cases to run on `device_type`: every registered op (or `ops`), its shapes, dtypes and modes."""
+    unknown = sorted(set(ops or ()) - set(REGISTRY))
+    if unknown:
+        raise ValueError(f"unknown op(s) {unknown}; registered: {sorted(REGISTRY)}")
+    selected = [REGISTRY[name] for name in (ops or REGISTRY)]
+    cases = []
+    for op in selected:
+        shapes = op.shapes["quick" if quick else device_type]
+        for dtype in dtypes or op.dtypes[device_type]:
+            for params in shapes:
+                for mode in op.modes:
+                    cases.append(Case(op, dict(params), dtype, mode))
+    return cases
+
+
+def _randn(shape, dtype, device, generator, scale=1.0, shift=0.0) -> Tensor:
+    # Drawn in float32 on the CPU generator (reproducible on any device), then moved and cast.
+    t = torch.randn(shape, generator=generator, dtype=torch.float32) * scale + shift
+    return t.to(device=device, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# residual-add + LayerNorm: y = layer_norm(x + residual) * weight + bias over the last dimension N, M rows.
+# ---------------------------------------------------------------------------------------------------------------
+
+def _layer_norm_inputs(params: dict, dtype: torch.dtype, device: torch.device, gen: torch.Generator) -> dict:
+    m, n = params["M"], params["N"]
+    return {
+        "x": _randn((m, n), dtype, device, gen),
+        "residual": _randn((m, n), dtype, device, gen),
+        "weight": _randn((n,), dtype, device, gen, scale=0.1, shift=1.0),
+        "bias": _randn((n,), dtype, device, gen, scale=0.1),
+    }
+
+
+def _layer_norm_fastenc(t: dict) -> Tensor:
+    import fastenc
+
+    n = t["x"].shape[-1]
+    return fastenc.functional.layer_norm(t["x"], (n,), t["weight"], t["bias"], residual=t["residual"])
+
+
+def _layer_norm_torch(t: dict) -> Tensor:
+    n = t["x"].shape[-1]
+    return F.layer_norm(t["x"] + t["residual"], (n,), t["weight"], t["bias"])
+
+
+def _layer_norm_work(params: dict, dtype: torch.dtype, mode: str) -> Work:
+    """The least traffic a fused kernel can have (BENCHMARKING.md).
+
+    fwd:     read x, residual, weight, bias; write y.
+    fwd+bwd: the forward above, plus writing the sum x + residual and mean / rstd (float32) that the backward
+             needs; the backward reads dy, the sum, weight, mean / rstd and writes dx (which is also the
+             residual's gradient: one tensor), dweight and dbias.
+    """
+    m, n = params["M"], params["N"]
+    e = torch.empty((), dtype=dtype).element_size()
+    stats = 2 * m * 4
+    forward = (2 * m * n + 2 * n) * e + m * n * e
+    if mode == FWD:
+        return Work(bytes=forward)
+    saved = m * n * e + stats
+    backward = (2 * m * n + n) * e + stats + (m * n + 2 * n) * e
+    return Work(bytes=forward + saved + backward)
+
+
+LAYER_NORM = register(OpBench(
+    name="layer_norm",
+    bound="memory",
+    modes=(FWD, FWD_BWD),
+    shapes={
+        "cuda": [{"M": 16384, "N": n} for n in (768, 1024, 4096, 8192)],
+        "cpu": [{"M": 4096, "N": n} for n in (768, 1024, 4096)],
+        "quick": [{"M": 256, "N": n} for n in (256, 1024)],
+    },
+    dtypes={"cuda": (torch.bfloat16,), "cpu": (torch.float32,)},
+    make_inputs=_layer_norm_inputs,
+    grad_inputs=("x", "residual", "weight", "bias"),
+    fastenc_fn=_layer_norm_fastenc,
+    torch_fn=_layer_norm_torch,
+    work=_layer_norm_work,
+    x_axis=("N (hidden size)", lambda p: p["N"]),
+))

@@ -1,0 +1,296 @@
+// Residual-add + LayerNorm on CPU: rows split over threads with at::parallel_for.
+//
+// Each row is brought once into a small op-math scratch row (it stays in L1/L2), then the passes over it (mean,
+// centred variance, output) run from there. Row reductions use kLanes independent accumulators: without
+// -ffast-math gcc may not reorder a single floating-point sum, but it does vectorise independent ones.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+#include "../layer_norm.h"
+
+namespace fastenc {
+namespace {
+
+constexpr int64_t kLanes = 8;
+// Rows handed to a thread at least: ~32K elements, so small problems are not split into tiny chunks.
+constexpr int64_t kGrainElements = 32768;
+
+int64_t row_grain(int64_t n) { return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(n, 1)); }
+
+template <typename acc_t>
+acc_t row_sum(const acc_t* v, int64_t n) {
+  acc_t lane[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int64_t k = 0; k < kLanes; ++k) lane[k] += v[j + k];
+  }
+  acc_t total = 0;
+  for (int64_t k = 0; k < kLanes; ++k) total += lane[k];
+  for (; j < n; ++j) total += v[j];
+  return total;
+}
+
+// Sum of squared deviations from `mean` (the second pass of a two-pass variance).
+template <typename acc_t>
+acc_t row_sum_sq_dev(const acc_t* v, acc_t mean, int64_t n) {
+  acc_t lane[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int64_t k = 0; k < kLanes; ++k) {
+      const acc_t d = v[j + k] - mean;
+      lane[k] += d * d;
+    }
+  }
+  acc_t total = 0;
+  for (int64_t k = 0; k < kLanes; ++k) total += lane[k];
+  for (; j < n; ++j) {
+    const acc_t d = v[j] - mean;
+    total += d * d;
+  }
+  return total;
+}
+
+// y = (v - mean) * rstd [* w] [+ b], written in scalar_t; the four cases are separate loops so each vectorises.
+template <bool kWeight, bool kBias, typename scalar_t, typename acc_t>
+void normalize_row(const acc_t* v, const acc_t* w, const acc_t* b, acc_t mean, acc_t rstd, scalar_t* y, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    acc_t out = (v[j] - mean) * rstd;
+    if constexpr (kWeight) out *= w[j];
+    if constexpr (kBias) out += b[j];
+    y[j] = static_cast<scalar_t>(out);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void normalize_row(const acc_t* v, const acc_t* w, const acc_t* b, acc_t mean, acc_t rstd, scalar_t* y, int64_t n) {
+  if (w && b) {
+    normalize_row<true, true>(v, w, b, mean, rstd, y, n);
+  } else if (w) {
+    normalize_row<true, false>(v, w, b, mean, rstd, y, n);
+  } else if (b) {
+    normalize_row<false, true>(v, w, b, mean, rstd, y, n);
+  } else {
+    normalize_row<false, false>(v, w, b, mean, rstd, y, n);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void forward_kernel(const scalar_t* x, const scalar_t* residual, const acc_t* w, const acc_t* b, scalar_t* y,
+                    scalar_t* sum, acc_t* mean_out, acc_t* rstd_out, int64_t m, int64_t n, acc_t eps) {
+  at::parallel_for(0, m, row_grain(n), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scratch(n);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t off = row * n;
+      const scalar_t* xr = x + off;
+      const acc_t* v = scratch.data();
+      if (residual) {
+        // Round the sum to scalar_t as torch's `x + residual` would, then normalise the rounded value.
+        const scalar_t* rr = residual + off;
+        acc_t* dst = scratch.data();
+        if constexpr (std::is_same_v<scalar_t, acc_t>) {
+          if (sum) dst = sum + off;  // float / double: the stored sum row doubles as the scratch row
+          for (int64_t j = 0; j < n; ++j) dst[j] = xr[j] + rr[j];
+        } else {
+          scalar_t* sr = sum ? sum + off : nullptr;
+          for (int64_t j = 0; j < n; ++j) {
+            const scalar_t s = static_cast<scalar_t>(static_cast<acc_t>(xr[j]) + static_cast<acc_t>(rr[j]));
+            dst[j] = static_cast<acc_t>(s);
+            if (sr) sr[j] = s;
+          }
+        }
+        v = dst;
+      } else if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        v = xr;
+      } else {
+        for (int64_t j = 0; j < n; ++j) scratch[j] = static_cast<acc_t>(xr[j]);
+      }
+      const acc_t mean = row_sum(v, n) / static_cast<acc_t>(n);
+      const acc_t var = row_sum_sq_dev(v, mean, n) / static_cast<acc_t>(n);
+      const acc_t rstd = acc_t(1) / std::sqrt(var + eps);
+      mean_out[row] = mean;
+      rstd_out[row] = rstd;
+      normalize_row(v, w, b, mean, rstd, y + off, n);
+    }
+  });
+}
+
+// dx for rows [begin, end), and their dweight / dbias contributions added into dw / db (this chunk's own rows).
+template <typename scalar_t, typename acc_t>
+void backward_rows(const scalar_t* dy, const scalar_t* dsum, const scalar_t* xs, const acc_t* w, const acc_t* mean,
+                   const acc_t* rstd, scalar_t* dx, acc_t* dw, acc_t* db, int64_t n, int64_t begin, int64_t end) {
+  std::vector<acc_t> scratch(3 * n);
+  acc_t* g = scratch.data();       // dy * w
+  acc_t* xhat = g + n;             // (xs - mean) * rstd
+  acc_t* dyf = xhat + n;           // dy in op-math
+  const acc_t inv_n = acc_t(1) / static_cast<acc_t>(n);
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t off = row * n;
+    const scalar_t* dyr = dy + off;
+    const scalar_t* xr = xs + off;
+    const acc_t mu = mean[row];
+    const acc_t rs = rstd[row];
+    for (int64_t j = 0; j < n; ++j) {
+      dyf[j] = static_cast<acc_t>(dyr[j]);
+      xhat[j] = (static_cast<acc_t>(xr[j]) - mu) * rs;
+    }
+    if (w) {
+      for (int64_t j = 0; j < n; ++j) g[j] = dyf[j] * w[j];
+    } else {
+      std::copy(dyf, dyf + n, g);
+    }
+    // sum(g) and sum(g * xhat) with independent lanes (see row_sum).
+    acc_t lane_g[kLanes] = {};
+    acc_t lane_gx[kLanes] = {};
+    int64_t j = 0;
+    for (; j + kLanes <= n; j += kLanes) {
+      for (int64_t k = 0; k < kLanes; ++k) {
+        lane_g[k] += g[j + k];
+        lane_gx[k] += g[j + k] * xhat[j + k];
+      }
+    }
+    acc_t sum_g = 0, sum_gx = 0;
+    for (int64_t k = 0; k < kLanes; ++k) {
+      sum_g += lane_g[k];
+      sum_gx += lane_gx[k];
+    }
+    for (; j < n; ++j) {
+      sum_g += g[j];
+      sum_gx += g[j] * xhat[j];
+    }
+    const acc_t mean_g = sum_g * inv_n;
+    const acc_t mean_gx = sum_gx * inv_n;
+    scalar_t* dxr = dx + off;
+    if (dsum) {
+      const scalar_t* dsr = dsum + off;
+      for (int64_t i = 0; i < n; ++i) {
+        dxr[i] = static_cast<scalar_t>(rs * (g[i] - mean_g - xhat[i] * mean_gx) + static_cast<acc_t>(dsr[i]));
+      }
+    } else {
+      for (int64_t i = 0; i < n; ++i) dxr[i] = static_cast<scalar_t>(rs * (g[i] - mean_g - xhat[i] * mean_gx));
+    }
+    if (dw) {
+      for (int64_t i = 0; i < n; ++i) dw[i] += dyf[i] * xhat[i];
+    }
+    if (db) {
+      for (int64_t i = 0; i < n; ++i) db[i] += dyf[i];
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void backward_kernel(const scalar_t* dy, const scalar_t* dsum, const scalar_t* xs, const acc_t* w, const acc_t* mean,
+                     const acc_t* rstd, scalar_t* dx, acc_t* dw_partial, acc_t* db_partial, int64_t m, int64_t n,
+                     int64_t chunks) {
+  // Chunk c owns rows [c*m/chunks, (c+1)*m/chunks) and row c of the partial buffers: no two threads write the same
+  // memory, and the caller sums the partials in chunk order, so the result depends only on `chunks`.
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      backward_rows(dy, dsum, xs, w, mean, rstd, dx, dw_partial ? dw_partial + c * n : nullptr,
+                    db_partial ? db_partial + c * n : nullptr, n, c * m / chunks, (c + 1) * m / chunks);
+    }
+  });
+}
+
+// Sums the (chunks, n) partials over chunks, in chunk order.
+at::Tensor sum_partials(const at::Tensor& partial) {
+  at::Tensor out = at::zeros({partial.size(1)}, partial.options());
+  AT_DISPATCH_FLOATING_TYPES(partial.scalar_type(), "fastenc_layer_norm_sum_partials", [&] {
+    const scalar_t* p = partial.const_data_ptr<scalar_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    const int64_t chunks = partial.size(0), n = partial.size(1);
+    for (int64_t c = 0; c < chunks; ++c) {
+      for (int64_t j = 0; j < n; ++j) o[j] += p[c * n + j];
+    }
+  });
+  return out;
+}
+
+at::ScalarType stat_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// weight / bias in the op-math dtype, contiguous (a no-op for float32 / float64 parameters).
+std::optional<at::Tensor> as_acc(const std::optional<at::Tensor>& p, at::ScalarType acc) {
+  if (!p.has_value()) return std::nullopt;
+  return p->to(acc).contiguous();
+}
+
+}  // namespace
+
+LayerNormForward layer_norm_forward_cpu(const at::Tensor& x_in, const std::optional<at::Tensor>& residual_in,
+                                        const std::optional<at::Tensor>& weight_in,
+                                        const std::optional<at::Tensor>& bias_in, double eps, bool store_sum) {
+  const at::Tensor x = x_in.contiguous();
+  const std::optional<at::Tensor> residual =
+      residual_in.has_value() ? std::optional<at::Tensor>(residual_in->contiguous()) : std::nullopt;
+  const int64_t m = x.size(0), n = x.size(1);
+  const auto acc = stat_type(x.scalar_type());
+  const auto weight = as_acc(weight_in, acc);
+  const auto bias = as_acc(bias_in, acc);
+
+  at::Tensor y = at::empty({m, n}, x.options());
+  at::Tensor sum = store_sum && residual ? at::empty({m, n}, x.options()) : x.new_empty({0});
+  at::Tensor mean = at::empty({m}, x.options().dtype(acc));
+  at::Tensor rstd = at::empty({m}, x.options().dtype(acc));
+  if (m == 0) return {y, sum, mean, rstd};
+  if (n == 0) {  // the mean of nothing, as torch has it
+    mean.fill_(NAN);
+    rstd.fill_(NAN);
+    return {y, sum, mean, rstd};
+  }
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastenc_layer_norm_forward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    forward_kernel<scalar_t, acc_t>(
+        x.const_data_ptr<scalar_t>(), residual ? residual->const_data_ptr<scalar_t>() : nullptr,
+        weight ? weight->const_data_ptr<acc_t>() : nullptr, bias ? bias->const_data_ptr<acc_t>() : nullptr,
+        y.mutable_data_ptr<scalar_t>(), sum.numel() ? sum.mutable_data_ptr<scalar_t>() : nullptr,
+        mean.mutable_data_ptr<acc_t>(), rstd.mutable_data_ptr<acc_t>(), m, n, static_cast<acc_t>(eps));
+  });
+  return {y, sum, mean, rstd};
+}
+
+LayerNormBackward layer_norm_backward_cpu(const at::Tensor& dy_in, const std::optional<at::Tensor>& dsum_in,
+                                          const at::Tensor& xs_in, const std::optional<at::Tensor>& weight_in,
+                                          const at::Tensor& mean_in, const at::Tensor& rstd_in, bool has_bias) {
+  const at::Tensor dy = dy_in.contiguous();
+  const at::Tensor xs = xs_in.contiguous();
+  const std::optional<at::Tensor> dsum =
+      dsum_in.has_value() ? std::optional<at::Tensor>(dsum_in->contiguous()) : std::nullopt;
+  const at::Tensor mean = mean_in.contiguous();
+  const at::Tensor rstd = rstd_in.contiguous();
+  const int64_t m = xs.size(0), n = xs.size(1);
+  const auto acc = stat_type(xs.scalar_type());
+  const auto weight = as_acc(weight_in, acc);
+
+  at::Tensor dx = at::empty({m, n}, xs.options());
+  const auto acc_opts = xs.options().dtype(acc);
+  if (m == 0 || n == 0) {
+    // No rows: the parameter gradients are sums over nothing, zeros.
+    return {dx, weight ? at::zeros({n}, acc_opts) : at::empty({0}, acc_opts),
+            has_bias ? at::zeros({n}, acc_opts) : at::empty({0}, acc_opts)};
+  }
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), at::divup(m, row_grain(n))));
+  at::Tensor dw_partial = weight ? at::zeros({chunks, n}, acc_opts) : at::Tensor();
+  at::Tensor db_partial = has_bias ? at::zeros({chunks, n}, acc_opts) : at::Tensor();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xs.scalar_type(), "fastenc_layer_norm_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    backward_kernel<scalar_t, acc_t>(
+        dy.const_data_ptr<scalar_t>(), dsum ? dsum->const_data_ptr<scalar_t>() : nullptr,
+        xs.const_data_ptr<scalar_t>(), weight ? weight->const_data_ptr<acc_t>() : nullptr,
+        mean.const_data_ptr<acc_t>(), rstd.const_data_ptr<acc_t>(), dx.mutable_data_ptr<scalar_t>(),
+        weight ? dw_partial.mutable_data_ptr<acc_t>() : nullptr,
+        has_bias ? db_partial.mutable_data_ptr<acc_t>() : nullptr, m, n, chunks);
+  });
+  at::Tensor dweight = weight ? sum_partials(dw_partial) : at::empty({0}, acc_opts);
+  at::Tensor dbias = has_bias ? sum_partials(db_partial) : at::empty({0}, acc_opts);
+  return {dx, dweight, dbias};
+}
+
+}  // namespace fastenc

@@ -1,0 +1,3 @@
+from fastenc.finetune.cli import main
+
+raise SystemExit(main())

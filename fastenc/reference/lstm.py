@@ -1,0 +1,132 @@
+"""One LSTM layer in one direction, in plain PyTorch: the cell loop and its backward (BPTT) written out.
+
+Contract: fastenc/ops/lstm.py. Math in float32 (float64 for float64 input); h_{t-1} is read back from the
+stored output (in the input dtype), as the kernels do. The backward is explicit because autograd is switched off
+inside a custom op's implementation; tests check it against autograd of `lstm_layer_forward`.
+
+Rows: the input projection `gates_x` is (T, B, 4H), or (N, 4H) packed as PackedSequence.data with `batch_sizes`.
+Either way it is handled as N flat rows where step t owns rows off_t .. off_t + n_t (n_t = batch_sizes[t], or B).
+The step processed before t (t - 1, or t + 1 in reverse) is its "previous" step; a row that was not active then
+starts from h0 / c0 (only the reverse direction of a packed batch has such rows after the first step).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _schedule(batch_sizes: Tensor | None, steps: int, batch: int, reverse: bool) -> list[tuple[int, int, int, int]]:
+    """(offset, rows, previous offset, previous rows) per step in processing order; the first has no previous."""
+    sizes = [batch] * steps if batch_sizes is None else [int(s) for s in batch_sizes.tolist()]
+    offsets = [0]
+    for s in sizes[:-1]:
+        offsets.append(offsets[-1] + s)
+    order = range(len(sizes) - 1, -1, -1) if reverse else range(len(sizes))
+    plan, prev = [], (0, 0)
+    for t in order:
+        plan.append((offsets[t], sizes[t], *prev))
+        prev = (offsets[t], sizes[t])
+    return plan
+
+
+def _row_maps(batch_sizes: Tensor | None, steps: int, batch: int, reverse: bool, device) -> tuple[Tensor, ...]:
+    """Flat-row indices, computed at once from the sizes: for each batch row, its row at its first and at its last
+    processed step; for each flat row, the row of cat([out, h0]) holding the h that step started from."""
+    sizes = torch.full((steps,), batch) if batch_sizes is None else batch_sizes.to("cpu", torch.int64)
+    offsets = sizes.cumsum(0) - sizes
+    total = int(sizes.sum())
+    rows = torch.arange(batch)
+    at_start = rows  # time step 0 holds every row at offset 0
+    at_end = offsets[(sizes[None, :] > rows[:, None]).sum(1) - 1] + rows  # each row's last time step
+    step = torch.repeat_interleave(torch.arange(steps), sizes)
+    row = torch.arange(total) - offsets[step]
+    prev = (step + 1 if reverse else step - 1).clamp(0, steps - 1)
+    has_prev = (step != prev) & (row < sizes[prev])
+    previous = torch.where(has_prev, offsets[prev] + row, total + row)
+    first, last = (at_end, at_start) if reverse else (at_start, at_end)
+    return first.to(device), last.to(device), previous.to(device)
+
+
+def _previous(states: Tensor, initial: Tensor, off_prev: int, n_prev: int, n: int) -> Tensor:
+    """The n rows a step starts from: the previous step's rows where they were active, the initial state after."""
+    k = min(n, n_prev)
+    return torch.cat([states[off_prev:off_prev + k], initial[k:n]])
+
+
+def lstm_layer_forward(gates_x, h0, c0, w_hh, w_hr, batch_sizes, reverse):
+    acc = _acc_dtype(gates_x.dtype)
+    hidden, proj = c0.shape[1], h0.shape[1]
+    lead = gates_x.shape[:-1]
+    gx = gates_x.reshape(-1, 4 * hidden).to(acc)
+    rows_total = gx.shape[0]
+    plan = _schedule(batch_sizes, gates_x.shape[0], h0.shape[0], reverse)
+    out = gates_x.new_empty(rows_total, proj)
+    gates = gx.new_empty(rows_total, 4 * hidden)
+    cs = gx.new_empty(rows_total, hidden)
+    rs = gx.new_empty(rows_total, hidden) if w_hr is not None else gx.new_empty(0)
+    w = w_hh.to(acc)
+    for off, n, off_prev, n_prev in plan:
+        h_prev = _previous(out, h0, off_prev, n_prev, n).to(acc)
+        c_prev = _previous(cs, c0.to(acc), off_prev, n_prev, n)
+        pre = gx[off:off + n] + h_prev @ w.t()
+        i, f, g, o = pre.chunk(4, dim=1)
+        i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+        c = f * c_prev + i * g
+        r = o * torch.tanh(c)
+        gates[off:off + n] = torch.cat([i, f, g, o], dim=1)
+        cs[off:off + n] = c
+        if w_hr is not None:
+            rs[off:off + n] = r
+            r = r @ w_hr.to(acc).t()
+        out[off:off + n] = r.to(out.dtype)
+    _, last, _ = _row_maps(batch_sizes, len(plan), h0.shape[0], reverse, out.device)
+    h_n = out[last].to(h0.dtype)
+    c_n = cs[last].to(c0.dtype)
+    return (out.reshape(*lead, proj), h_n, c_n, gates.reshape(*lead, 4 * hidden), cs.reshape(*lead, hidden),
+            rs.reshape(*lead, hidden) if w_hr is not None else rs)
+
+
+def lstm_layer_backward(d_out, d_hn, d_cn, h0, c0, w_hh, w_hr, batch_sizes, reverse, out, gates, cs, rs):
+    acc = gates.dtype
+    hidden, proj = c0.shape[1], h0.shape[1]
+    lead = gates.shape[:-1]
+    d_out = d_out.reshape(-1, proj).to(acc)
+    gates, cs, out = gates.reshape(-1, 4 * hidden), cs.reshape(-1, hidden), out.reshape(-1, proj)
+    rows_total = gates.shape[0]
+    plan = _schedule(batch_sizes, lead[0], h0.shape[0], reverse)
+    w = w_hh.to(acc)
+    d_hn, dc = d_hn.to(acc), d_cn.to(acc).clone()  # dc: the running gradient of each row's cell state
+    c0_acc = c0.to(acc)
+    d_gates = gates.new_zeros(rows_total, 4 * hidden)
+    d_h = gates.new_zeros(rows_total, proj) if w_hr is not None else None
+    nxt = (0, 0)  # the step processed after this one in the forward: (offset, rows)
+    for off, n, off_prev, n_prev in reversed(plan):
+        off_next, n_next = nxt
+        k = min(n, n_next)
+        # A row active at the next step feeds its h into that step's gates; otherwise its h is h_n.
+        dh = d_out[off:off + n] + torch.cat([d_gates[off_next:off_next + k] @ w, d_hn[k:n]])
+        dr = dh
+        if w_hr is not None:
+            d_h[off:off + n] = dh
+            dr = dh @ w_hr.to(acc)
+        i, f, g, o = gates[off:off + n].chunk(4, dim=1)
+        tc = torch.tanh(cs[off:off + n])
+        c_prev = _previous(cs, c0_acc, off_prev, n_prev, n)
+        dc_t = dc[:n] + dr * o * (1 - tc * tc)
+        d_gates[off:off + n] = torch.cat(
+            [dc_t * g * i * (1 - i), dc_t * c_prev * f * (1 - f), dc_t * i * (1 - g * g), dr * tc * o * (1 - o)], dim=1
+        )
+        dc[:n] = dc_t * f
+        nxt = (off, n)
+    first, _, previous = _row_maps(batch_sizes, len(plan), h0.shape[0], reverse, out.device)
+    h_prev = torch.cat([out, h0]).to(acc)[previous]
+    dw_hh = d_gates.t() @ h_prev
+    dh0 = (d_gates[first] @ w).to(h0.dtype)
+    dw_hr = d_h.t() @ rs.reshape(-1, hidden) if w_hr is not None else gates.new_empty(0)
+    d_gates_x = d_gates.to(out.dtype).reshape(*lead, 4 * hidden)
+    return d_gates_x, dh0, dc.to(c0.dtype), dw_hh, dw_hr

@@ -1,0 +1,307 @@
+"""One LSTM layer in one direction in Triton: a fused cell kernel per time step, forward and backward.
+
+Contract: fastenc/ops/lstm.py. The input projection for all steps is one GEMM done before (gates_x); what is left
+is inherently sequential, so the launcher walks the steps and launches one fused kernel per step:
+  forward   gates = gates_x[t] + h_{t-1} @ W_hh^T; i, f, g, o; c_t = f c_{t-1} + i g; h_t = o tanh(c_t)
+            A program owns a (batch tile x hidden tile) and computes the four gate slices of its hidden tile, so
+            the recurrent product, the nonlinearities and the cell update never leave the chip. With a projection
+            the cell writes r_t = o tanh(c_t) and a second kernel forms h_t = r_t @ W_hr^T (every h_t column needs
+            every r_t column, which a hidden tile does not have).
+  backward  dh_t = dout_t + da_{t+1} @ W_hh (or dh_n for a row whose last step this is), then the gate
+            gradients da_t and the cell chain dc_{t-1} = dc_t f_t in the same kernel. The weight gradients are one
+            GEMM each over all steps afterwards (torch), from the saved h_{t-1} rows and da.
+Nothing is carried between launches in registers: a step reads h_{t-1} from the previous step's output rows (or h0
+for rows that were not active then) and c_{t-1} from the saved cell states, so the per-step kernels need no
+double-buffered state and no inter-program synchronisation. Math in float32; h is stored in the input dtype
+(the next step's dot reads it so), gates and c in float32 for the backward.
+
+Not done yet: a persistent variant (one launch, the time loop inside the kernel, each program owning a batch tile
+and all 4H gates so it depends on no other program) for when W_hh fits on chip; see the op notes.
+Block sizes are untuned guesses: no GPU has measured these kernels yet.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tanh(x):
+    # tl has no portable tanh across triton 3.6-3.9 and the interpreter; 2 sigmoid(2x) - 1 is exact to ~1 ulp of 1.
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def _rows_times(A, a_row0, stride_a, n_a, M, stride_mk, stride_mn, col0, rows, cols, n_cols, K,
+                BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """A[a_row0 + rows, :K] @ M[:K, col0 + cols] as a float32 (BLOCK_B, BLOCK_N) tile; rows >= n_a count as 0.
+    M's strides are free, so W and W^T are both read in place."""
+    acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    a_rows = (a_row0 + rows).to(tl.int64)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(A + a_rows[:, None] * stride_a + ks[None, :], mask=(rows[:, None] < n_a) & (ks[None, :] < K),
+                    other=0.0)
+        m = tl.load(M + ks[:, None] * stride_mk + (col0 + cols[None, :]) * stride_mn,
+                    mask=(ks[:, None] < K) & (cols[None, :] < n_cols), other=0.0)
+        acc += tl.dot(a, m.to(a.dtype), input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _preactivation(gate, GX, HP, H0W, W, off, off_prev, n_prev, rows, cols, mask, H, P, stride_wk, stride_wn,
+                   BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
+    """gates_x[t] + h_{t-1} @ W_hh^T for one gate's slice of the hidden tile. Rows that start from h0 take the
+    precomputed h0 @ W_hh^T instead of a dot."""
+    acc = _rows_times(HP, off_prev, P, n_prev, W, stride_wk, stride_wn, gate * H, rows, cols, H, P,
+                      BLOCK_B, BLOCK_H, BLOCK_K, DOT_PRECISION)
+    from_prev = rows[:, None] < n_prev
+    g_cols = gate * H + cols[None, :]
+    initial = tl.load(H0W + rows[:, None] * 4 * H + g_cols, mask=mask & ~from_prev, other=0.0)
+    gx = tl.load(GX + (off + rows[:, None]).to(tl.int64) * 4 * H + g_cols, mask=mask, other=0.0)
+    return tl.where(from_prev, acc, initial) + gx.to(tl.float32)
+
+
+@triton.jit
+def _lstm_forward_cell_kernel(
+    GX, HP, H0W, W, C0, GATES, CS, Y,
+    off, n, off_prev, n_prev, H, P, stride_wk, stride_wn,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask = (rows[:, None] < n) & (cols[None, :] < H)
+    i = tl.sigmoid(_preactivation(0, GX, HP, H0W, W, off, off_prev, n_prev, rows, cols, mask, H, P, stride_wk,
+                                  stride_wn, BLOCK_B, BLOCK_H, BLOCK_K, DOT_PRECISION))
+    f = tl.sigmoid(_preactivation(1, GX, HP, H0W, W, off, off_prev, n_prev, rows, cols, mask, H, P, stride_wk,
+                                  stride_wn, BLOCK_B, BLOCK_H, BLOCK_K, DOT_PRECISION))
+    g = _tanh(_preactivation(2, GX, HP, H0W, W, off, off_prev, n_prev, rows, cols, mask, H, P, stride_wk,
+                             stride_wn, BLOCK_B, BLOCK_H, BLOCK_K, DOT_PRECISION))
+    o = tl.sigmoid(_preactivation(3, GX, HP, H0W, W, off, off_prev, n_prev, rows, cols, mask, H, P, stride_wk,
+                                  stride_wn, BLOCK_B, BLOCK_H, BLOCK_K, DOT_PRECISION))
+    from_prev = rows[:, None] < n_prev
+    c_prev = tl.where(
+        from_prev,
+        tl.load(CS + (off_prev + rows[:, None]).to(tl.int64) * H + cols[None, :], mask=mask & from_prev, other=0.0),
+        tl.load(C0 + rows[:, None] * H + cols[None, :], mask=mask & ~from_prev, other=0.0).to(tl.float32),
+    )
+    c = f * c_prev + i * g
+    here = (off + rows[:, None]).to(tl.int64)
+    tl.store(GATES + here * 4 * H + cols[None, :], i, mask=mask)
+    tl.store(GATES + here * 4 * H + H + cols[None, :], f, mask=mask)
+    tl.store(GATES + here * 4 * H + 2 * H + cols[None, :], g, mask=mask)
+    tl.store(GATES + here * 4 * H + 3 * H + cols[None, :], o, mask=mask)
+    tl.store(CS + here * H + cols[None, :], c, mask=mask)
+    tl.store(Y + here * H + cols[None, :], (o * _tanh(c)).to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rows_times_kernel(
+    A, M, ALT, ADD, OUT,
+    a_off, n_a, off, n, K, N_COLS, stride_a, stride_mk, stride_mn,
+    HAS_ALT: tl.constexpr, HAS_ADD: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """OUT[off + rows] = ADD[off + rows] + (A[a_off + rows] @ M where rows < n_a, else ALT[rows]), rows < n: the
+    projection h_t = r_t @ W_hr^T, and with a projection the backward's dh_t = dout_t + da_{t+1} @ W_hh."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows[:, None] < n) & (cols[None, :] < N_COLS)
+    acc = _rows_times(A, a_off, stride_a, n_a, M, stride_mk, stride_mn, 0, rows, cols, N_COLS, K,
+                      BLOCK_B, BLOCK_N, BLOCK_K, DOT_PRECISION)
+    if HAS_ALT:
+        alt = tl.load(ALT + rows[:, None] * N_COLS + cols[None, :], mask=mask & (rows[:, None] >= n_a), other=0.0)
+        acc = tl.where(rows[:, None] < n_a, acc, alt.to(tl.float32))
+    here = (off + rows[:, None]).to(tl.int64) * N_COLS + cols[None, :]
+    if HAS_ADD:
+        acc += tl.load(ADD + here, mask=mask, other=0.0).to(tl.float32)
+    tl.store(OUT + here, acc.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _lstm_backward_cell_kernel(
+    A, M, ALT, DOUT, GATES, CS, C0, DC, DGX,
+    off, n, off_prev, n_prev, a_off, n_a, K, H, stride_a, stride_mk, stride_mn,
+    HAS_ALT: tl.constexpr, HAS_DOUT: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One step of BPTT for a (batch tile x hidden tile). dr, the gradient of o tanh(c), is
+    dout_t + (da_{t+1} @ W_hh or dh_n) without a projection, and dh_t @ W_hr with one (dh_t from _rows_times_kernel);
+    either way it is `A @ M` with the rows >= n_a taken from ALT, plus DOUT."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask = (rows[:, None] < n) & (cols[None, :] < H)
+    dr = _rows_times(A, a_off, stride_a, n_a, M, stride_mk, stride_mn, 0, rows, cols, H, K,
+                     BLOCK_B, BLOCK_H, BLOCK_K, DOT_PRECISION)
+    if HAS_ALT:
+        alt = tl.load(ALT + rows[:, None] * H + cols[None, :], mask=mask & (rows[:, None] >= n_a), other=0.0)
+        dr = tl.where(rows[:, None] < n_a, dr, alt.to(tl.float32))
+    here = (off + rows[:, None]).to(tl.int64)
+    if HAS_DOUT:
+        dr += tl.load(DOUT + here * H + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    i = tl.load(GATES + here * 4 * H + cols[None, :], mask=mask, other=0.0)
+    f = tl.load(GATES + here * 4 * H + H + cols[None, :], mask=mask, other=0.0)
+    g = tl.load(GATES + here * 4 * H + 2 * H + cols[None, :], mask=mask, other=0.0)
+    o = tl.load(GATES + here * 4 * H + 3 * H + cols[None, :], mask=mask, other=0.0)
+    tc = _tanh(tl.load(CS + here * H + cols[None, :], mask=mask, other=0.0))
+    from_prev = rows[:, None] < n_prev
+    c_prev = tl.where(
+        from_prev,
+        tl.load(CS + (off_prev + rows[:, None]).to(tl.int64) * H + cols[None, :], mask=mask & from_prev, other=0.0),
+        tl.load(C0 + rows[:, None] * H + cols[None, :], mask=mask & ~from_prev, other=0.0).to(tl.float32),
+    )
+    # DC holds each row's running dL/dc: dh_n's partner dc_n at first, then dc_{t} f_{t} from the step after.
+    state = rows[:, None] * H + cols[None, :]
+    dc = tl.load(DC + state, mask=mask, other=0.0) + dr * o * (1.0 - tc * tc)
+    out_t = DGX.dtype.element_ty
+    tl.store(DGX + here * 4 * H + cols[None, :], (dc * g * i * (1.0 - i)).to(out_t), mask=mask)
+    tl.store(DGX + here * 4 * H + H + cols[None, :], (dc * c_prev * f * (1.0 - f)).to(out_t), mask=mask)
+    tl.store(DGX + here * 4 * H + 2 * H + cols[None, :], (dc * i * (1.0 - g * g)).to(out_t), mask=mask)
+    tl.store(DGX + here * 4 * H + 3 * H + cols[None, :], (dr * tc * o * (1.0 - o)).to(out_t), mask=mask)
+    tl.store(DC + state, dc * f, mask=mask)
+
+
+# ---- launchers -------------------------------------------------------------------------------------------------
+
+def _schedule(batch_sizes, steps: int, batch: int, reverse: bool) -> list[tuple[int, int, int, int]]:
+    """(offset, rows, previous offset, previous rows) per step in processing order (the reference's convention:
+    a step's rows are the flat rows offset .. offset + rows; the first step has no previous, rows 0)."""
+    sizes = [batch] * steps if batch_sizes is None else [int(s) for s in batch_sizes.tolist()]
+    offsets = [0]
+    for s in sizes[:-1]:
+        offsets.append(offsets[-1] + s)
+    plan, prev = [], (0, 0)
+    for t in (range(len(sizes) - 1, -1, -1) if reverse else range(len(sizes))):
+        plan.append((offsets[t], sizes[t], *prev))
+        prev = (offsets[t], sizes[t])
+    return plan
+
+
+def _row_maps(batch_sizes, steps: int, batch: int, reverse: bool, device) -> tuple[torch.Tensor, ...]:
+    """For each batch row its flat row at its first and at its last processed step; for each flat row the row of
+    cat([out, h0]) holding the h its step started from. Vectorised: no per-step work."""
+    sizes = torch.full((steps,), batch) if batch_sizes is None else batch_sizes.to("cpu", torch.int64)
+    offsets = sizes.cumsum(0) - sizes
+    total = int(sizes.sum())
+    rows = torch.arange(batch)
+    at_end = offsets[(sizes[None, :] > rows[:, None]).sum(1) - 1] + rows
+    step = torch.repeat_interleave(torch.arange(steps), sizes)
+    row = torch.arange(total) - offsets[step]
+    prev = (step + 1 if reverse else step - 1).clamp(0, steps - 1)
+    has_prev = (step != prev) & (row < sizes[prev])
+    previous = torch.where(has_prev, offsets[prev] + row, total + row)
+    first, last = (at_end, rows) if reverse else (rows, at_end)
+    return first.to(device), last.to(device), previous.to(device)
+
+
+def _blocks(batch: int, width: int, depth: int) -> tuple[int, int, int]:
+    """(BLOCK_B, BLOCK_N, BLOCK_K): at least 16 each (tl.dot's minimum), powers of two, capped for registers."""
+    fit = lambda v, cap: min(cap, max(16, triton.next_power_of_2(v)))  # noqa: E731
+    return fit(batch, 64), fit(width, 32), fit(depth, 64)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # float32 gets full-precision dots, as torch's default matmul and LSTM; half types use tensor cores anyway.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _check_dtype(dtype: torch.dtype) -> None:
+    if dtype == torch.float64:
+        raise TypeError("the triton lstm supports float16, bfloat16 and float32; use the reference for float64")
+
+
+def lstm_layer_forward(gates_x, h0, c0, w_hh, w_hr, batch_sizes, reverse):
+    _check_dtype(gates_x.dtype)
+    hidden, proj, batch = c0.shape[1], h0.shape[1], h0.shape[0]
+    lead = gates_x.shape[:-1]
+    gx = gates_x.reshape(-1, 4 * hidden).contiguous()
+    total = gx.shape[0]
+    h0, c0, w_hh = h0.contiguous(), c0.contiguous(), w_hh.contiguous()
+    out = torch.empty(total, proj, dtype=gates_x.dtype, device=gx.device)
+    gates = torch.empty(total, 4 * hidden, dtype=torch.float32, device=gx.device)
+    cs = torch.empty(total, hidden, dtype=torch.float32, device=gx.device)
+    rs = torch.empty(0, dtype=torch.float32, device=gx.device)  # r_t, with a projection, is filled in below
+    if w_hr is not None:
+        w_hr = w_hr.contiguous()
+        r_out = torch.empty(total, hidden, dtype=gates_x.dtype, device=gx.device)  # what the projection dot reads
+    plan = _schedule(batch_sizes, lead[0], batch, reverse)
+    _, last, _ = _row_maps(batch_sizes, len(plan), batch, reverse, gx.device)
+    # The rows that start from h0 (all at the first step; new rows of a packed reverse pass) take this product.
+    h0w = (h0.float() @ w_hh.float().t()).contiguous()
+    block_b, block_h, block_k = _blocks(batch, hidden, proj)
+    _, block_p, block_kr = _blocks(batch, proj, hidden)
+    precision = _precision(gates_x.dtype)
+    for off, n, off_prev, n_prev in plan:
+        # W_hh^T as M: M[k, j] = W_hh[j, k].
+        _lstm_forward_cell_kernel[(triton.cdiv(n, block_b), triton.cdiv(hidden, block_h))](
+            gx, out, h0w, w_hh, c0, gates, cs, out if w_hr is None else r_out,
+            off, n, off_prev, n_prev, hidden, proj, 1, proj,
+            BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k, DOT_PRECISION=precision,
+        )
+        if w_hr is not None:
+            _rows_times_kernel[(triton.cdiv(n, block_b), triton.cdiv(proj, block_p))](
+                r_out, w_hr, out, out, out, off, n, off, n, hidden, proj, hidden, 1, hidden,
+                HAS_ALT=False, HAS_ADD=False,
+                BLOCK_B=block_b, BLOCK_N=block_p, BLOCK_K=block_kr, DOT_PRECISION=precision,
+            )
+    if w_hr is not None:
+        rs = (gates[:, 3 * hidden:] * torch.tanh(cs))  # r_t in float32 for dW_hr (r_out is rounded)
+    h_n, c_n = out[last].to(h0.dtype), cs[last].to(c0.dtype)
+    return (out.reshape(*lead, proj), h_n, c_n, gates.reshape(*lead, 4 * hidden), cs.reshape(*lead, hidden),
+            rs.reshape(*lead, hidden) if w_hr is not None else rs)
+
+
+def lstm_layer_backward(d_out, d_hn, d_cn, h0, c0, w_hh, w_hr, batch_sizes, reverse, out, gates, cs, rs):
+    hidden, proj, batch = c0.shape[1], h0.shape[1], h0.shape[0]
+    lead = gates.shape[:-1]
+    gates, cs = gates.reshape(-1, 4 * hidden).contiguous(), cs.reshape(-1, hidden).contiguous()
+    out = out.reshape(-1, proj)
+    total = gates.shape[0]
+    d_out = d_out.reshape(-1, proj).contiguous()
+    d_hn, c0, w_hh = d_hn.contiguous(), c0.contiguous(), w_hh.contiguous()
+    dc = d_cn.float().contiguous().clone()
+    d_gx = torch.empty(total, 4 * hidden, dtype=out.dtype, device=out.device)
+    plan = _schedule(batch_sizes, lead[0], batch, reverse)
+    block_b, block_h, _ = _blocks(batch, hidden, 4 * hidden)
+    precision = _precision(out.dtype)
+    if w_hr is not None:
+        w_hr = w_hr.contiguous()
+        d_h = torch.empty(total, proj, dtype=torch.float32, device=out.device)
+        _, block_p, block_k4 = _blocks(batch, proj, 4 * hidden)
+        _, _, block_kp = _blocks(batch, hidden, proj)
+    else:
+        _, _, block_k4 = _blocks(batch, hidden, 4 * hidden)
+    nxt = (0, 0)
+    for off, n, off_prev, n_prev in reversed(plan):
+        off_next, n_next = nxt
+        grid = (triton.cdiv(n, block_b), triton.cdiv(hidden, block_h))
+        meta = dict(BLOCK_B=block_b, BLOCK_H=block_h)
+        if w_hr is None:
+            # dh_t = dout_t + da_{t+1} @ W_hh (rows active at t + 1), dh_n for the others; M = W_hh (4H, H).
+            _lstm_backward_cell_kernel[grid](
+                d_gx, w_hh, d_hn, d_out, gates, cs, c0, dc, d_gx,
+                off, n, off_prev, n_prev, off_next, n_next, 4 * hidden, hidden, 4 * hidden, hidden, 1,
+                HAS_ALT=True, HAS_DOUT=True, BLOCK_K=block_k4, DOT_PRECISION=precision, **meta,
+            )
+        else:
+            _rows_times_kernel[(triton.cdiv(n, block_b), triton.cdiv(proj, block_p))](
+                d_gx, w_hh, d_hn, d_out, d_h, off_next, n_next, off, n, 4 * hidden, proj, 4 * hidden, proj, 1,
+                HAS_ALT=True, HAS_ADD=True,
+                BLOCK_B=block_b, BLOCK_N=block_p, BLOCK_K=block_k4, DOT_PRECISION=precision,
+            )
+            # dr_t = dh_t @ W_hr; M = W_hr (P, H). dh_t is float32, so the dot runs in float32 (W_hr is cast).
+            _lstm_backward_cell_kernel[grid](
+                d_h, w_hr, d_h, d_h, gates, cs, c0, dc, d_gx,
+                off, n, off_prev, n_prev, off, n, proj, hidden, proj, hidden, 1,
+                HAS_ALT=False, HAS_DOUT=False, BLOCK_K=block_kp, DOT_PRECISION="ieee", **meta,
+            )
+        nxt = (off, n)
+    first, _, previous = _row_maps(batch_sizes, len(plan), batch, reverse, out.device)
+    d_gates = d_gx.float()
+    dw_hh = d_gates.t() @ torch.cat([out, h0]).float()[previous]
+    dh0 = (d_gates[first] @ w_hh.float()).to(h0.dtype)
+    dw_hr = d_h.t() @ rs.reshape(-1, hidden) if w_hr is not None else d_gates.new_empty(0)
+    return d_gx.reshape(*lead, 4 * hidden), dh0, dc.to(c0.dtype), dw_hh, dw_hr

@@ -1,0 +1,286 @@
+"""Fused LSTM: fastenc.nn.LSTM on every backend with an implementation, against torch.nn.LSTM (float32) and
+torch.nn.LSTM in float64 as the oracle; the reference's written-out backward against autograd; the op's contract."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import fastenc
+from fastenc import backends
+from fastenc import functional as F
+from fastenc.reference import lstm as reference
+from tests.conftest import compare_with_oracle
+
+INPUT, HIDDEN, STEPS, BATCH = 5, 6, 4, 3
+LENGTHS = [3, 4, 1]  # unsorted, with the longest in the middle and a one-step sequence
+
+
+@pytest.fixture
+def lstm_backend(backend_device):
+    name, device = backend_device
+    if name not in backends.implemented("lstm"):
+        pytest.skip(f"{name} has no lstm of its own yet (it runs the reference, see test_backends)")
+    return name, device
+
+
+def _modules(device, seed=0, **config):
+    """(fastenc module, torch module) with the same weights, in float32."""
+    torch.manual_seed(seed)
+    theirs = torch.nn.LSTM(INPUT, HIDDEN, **config).to(device)
+    ours = fastenc.nn.LSTM(INPUT, HIDDEN, **config).to(device)
+    ours.load_state_dict(theirs.state_dict())
+    return ours, theirs
+
+
+def _inputs(module, kind, with_hx, device, dtype=torch.float32, steps=STEPS, seed=1):
+    """(x, h0, c0) for `kind` ("batched", "unbatched", "packed": padded here, packed inside _run)."""
+    g = torch.Generator().manual_seed(seed)
+    layers = module.num_layers * (2 if module.bidirectional else 1)
+    out_size = module.proj_size or module.hidden_size
+    if kind == "unbatched":
+        x = torch.randn(steps, INPUT, generator=g)
+        hx = [torch.randn(layers, size, generator=g) for size in (out_size, module.hidden_size)]
+    else:
+        x = torch.randn(BATCH, steps, INPUT, generator=g)
+        x = x if module.batch_first else x.transpose(0, 1).contiguous()
+        hx = [torch.randn(layers, BATCH, size, generator=g) for size in (out_size, module.hidden_size)]
+    tensors = [t.to(dtype).to(device) for t in (x, *hx)]
+    return tensors if with_hx else tensors[:1]
+
+
+def _run(module, kind, inputs, seed=2):
+    """[output, h_n, c_n, then the gradients of the inputs and of every parameter] for random output gradients."""
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    params = list(module.parameters())
+    x, hx = leaves[0], (tuple(leaves[1:]) or None)
+    if kind == "packed":
+        lengths = torch.tensor(LENGTHS)
+        packed = pack_padded_sequence(x, lengths, batch_first=module.batch_first, enforce_sorted=False)
+        out, (h_n, c_n) = module(packed, hx)
+        out = out.data
+    else:
+        out, (h_n, c_n) = module(x, hx)
+    g = torch.Generator().manual_seed(seed)
+    grads_out = [torch.randn(t.shape, generator=g).to(t) for t in (out, h_n, c_n)]
+    grads = torch.autograd.grad((out, h_n, c_n), leaves + params, grads_out)
+    return [t.detach() for t in (out, h_n, c_n)] + list(grads)
+
+
+def _names(module, with_hx):
+    return ["output", "h_n", "c_n", "d input"] + (["d h0", "d c0"] if with_hx else []) + [
+        f"d {name}" for name, _ in module.named_parameters()]
+
+
+def _check_against_torch(ours, theirs, kind, inputs):
+    got = _run(ours, kind, inputs)
+    want = _run(theirs, kind, inputs)
+    exact = _run(copy.deepcopy(theirs).double(), kind, [t.double() for t in inputs])
+    compare_with_oracle(_names(ours, len(inputs) > 1), got, want, exact)
+    return got
+
+
+CASES = [  # (module config, input kind, with (h0, c0))
+    (dict(), "batched", True),
+    (dict(), "unbatched", False),
+    (dict(), "packed", True),
+    (dict(num_layers=2, bidirectional=True), "batched", False),
+    (dict(num_layers=2, bidirectional=True), "packed", True),
+    (dict(proj_size=4), "batched", True),
+    (dict(proj_size=4, bidirectional=True), "unbatched", True),
+    (dict(num_layers=2, bidirectional=True, proj_size=4, batch_first=True), "packed", True),
+    (dict(bias=False, batch_first=True), "batched", False),
+    (dict(bias=False, num_layers=2, batch_first=True), "packed", False),
+]
+
+
+@pytest.mark.parametrize("config,kind,with_hx", CASES, ids=[f"{c}-{k}-{'hx' if h else 'nohx'}" for c, k, h in CASES])
+def test_against_torch(lstm_backend, config, kind, with_hx):
+    name, device = lstm_backend
+    ours, theirs = _modules(device, **config)
+    _check_against_torch(ours, theirs, kind, _inputs(theirs, kind, with_hx, device))
+    assert backends.last_used()["lstm"] == name, "the selected backend did not run"
+
+
+def test_packed_output_is_packed_like_torchs(lstm_backend):
+    _, device = lstm_backend
+    ours, theirs = _modules(device, bidirectional=True)
+    x = _inputs(theirs, "batched", False, device)[0]
+    packed = pack_padded_sequence(x, torch.tensor(LENGTHS), enforce_sorted=False)
+    got, (h_n, _) = ours(packed)
+    want, (h_want, _) = theirs(packed)
+    assert torch.equal(got.batch_sizes, want.batch_sizes)
+    assert torch.equal(got.sorted_indices, want.sorted_indices)
+    assert torch.equal(got.unsorted_indices, want.unsorted_indices)
+    torch.testing.assert_close(h_n, h_want)  # h_n comes back in the caller's (unsorted) batch order
+
+
+def test_dropout_between_layers_matches_torch():
+    """torch's LSTM draws its inter-layer dropout masks from the same generator, in the same order."""
+    ours, theirs = _modules("cpu", num_layers=3, dropout=0.4)
+    x = _inputs(theirs, "batched", False, "cpu")[0]
+    torch.manual_seed(5)
+    got = ours(x)[0]
+    torch.manual_seed(5)
+    want = theirs(x)[0]
+    torch.testing.assert_close(got, want)
+    ours.eval()
+    theirs.eval()
+    torch.testing.assert_close(ours(x)[0], theirs(x)[0])  # no dropout in evaluation
+
+
+def test_long_sequence_error_growth(lstm_backend):
+    """T = 1000 on the reference (T = 60 on Triton's interpreter, which runs one program at a time): the error
+    must not grow beyond torch's own float32 error over the sequence."""
+    name, device = lstm_backend
+    steps = 1000 if name == "reference" or device == "cuda" else 60
+    ours, theirs = _modules(device, seed=3)
+    inputs = _inputs(theirs, "batched", True, device, steps=steps, seed=4)
+    got = _check_against_torch(ours, theirs, "batched", inputs)
+    assert torch.isfinite(got[0]).all()
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("proj", [0, 3])
+@pytest.mark.parametrize("packed", [False, True])
+def test_reference_backward_is_autograds(reverse, proj, packed):
+    g = torch.Generator().manual_seed(6)
+    rnd = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    p = proj or HIDDEN
+    batch_sizes = torch.tensor([3, 3, 2, 1]) if packed else None
+    gates_x = rnd(9, 4 * HIDDEN) if packed else rnd(STEPS, BATCH, 4 * HIDDEN)
+    inputs = [gates_x, rnd(BATCH, p), rnd(BATCH, HIDDEN), rnd(4 * HIDDEN, p) * 0.5, rnd(p, HIDDEN) if proj else None]
+    leaves = [t if t is None else t.requires_grad_() for t in inputs]
+    outs = reference.lstm_layer_forward(*leaves, batch_sizes, reverse)
+    grads_out = [rnd(*t.shape) for t in outs[:3]]
+    wanted = [t for t in leaves if t is not None]
+    expected = torch.autograd.grad(outs[:3], wanted, grads_out)
+    saved = [t.detach() for t in outs]
+    got = reference.lstm_layer_backward(*grads_out, *[t.detach() for t in wanted[1:4]],
+                                        None if not proj else wanted[4].detach(), batch_sizes, reverse,
+                                        saved[0], *saved[3:])
+    for name, a, e in zip(["d gates_x", "dh0", "dc0", "dw_hh", "dw_hr"], got, expected):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("proj,packed,reverse", [(0, False, False), (3, True, True)])
+def test_opcheck(lstm_backend, proj, packed, reverse):
+    name, device = lstm_backend
+    g = torch.Generator().manual_seed(7)
+    rnd = lambda *shape: torch.randn(*shape, generator=g).to(device)  # noqa: E731
+    p = proj or HIDDEN
+    batch_sizes = torch.tensor([3, 2, 2]) if packed else None
+    gates_x = rnd(7, 4 * HIDDEN) if packed else rnd(3, BATCH, 4 * HIDDEN)
+    args = (gates_x, rnd(BATCH, p), rnd(BATCH, HIDDEN), rnd(4 * HIDDEN, p), rnd(p, HIDDEN) if proj else None,
+            batch_sizes, reverse, name)
+    torch.library.opcheck(torch.ops.fastenc.lstm_layer.default, args)
+
+
+def test_swap_classes_keeps_the_state():
+    from fastenc.nn._swap import swap_classes
+
+    model = torch.nn.Sequential(torch.nn.LSTM(INPUT, HIDDEN, num_layers=2))
+    x = torch.randn(STEPS, BATCH, INPUT)
+    want = model(x)[0]
+    swap_classes(model)
+    assert type(model[0]) is fastenc.nn.LSTM
+    model[0].flatten_parameters()
+    with fastenc.backend("reference"):
+        torch.testing.assert_close(model(x)[0], want)
+
+
+def _bad_calls():
+    x = torch.randn(STEPS, BATCH, INPUT)
+    h, c = torch.zeros(1, BATCH, HIDDEN), torch.zeros(1, BATCH, HIDDEN)
+    packed = pack_padded_sequence(x, torch.tensor(LENGTHS), enforce_sorted=False)
+    return [
+        ("input_size", (torch.randn(STEPS, BATCH, INPUT + 1),), RuntimeError, "input.size\\(-1\\) must be equal"),
+        ("h0 shape", (x, (torch.zeros(1, BATCH + 1, HIDDEN), c)), RuntimeError, "Expected hidden\\[0\\] size"),
+        ("c0 shape", (x, (h, torch.zeros(2, BATCH, HIDDEN))), RuntimeError, "Expected hidden\\[1\\] size"),
+        ("dtype", (x.double(),), ValueError, "input dtype \\(torch.float64\\) does not match weight dtype"),
+        ("4-D input", (x[None],), ValueError, "Expected input to be 2D or 3D"),
+        ("unbatched hx", (x[:, 0], (h, c)), RuntimeError, "For unbatched 2-D input, hx and cx should also be 2-D"),
+        ("batched hx", (x, (h[0], c[0])), RuntimeError, "For batched 3-D input, hx and cx should also be 3-D"),
+        # With a PackedSequence torch fails deeper down ("mat1 and mat2 shapes cannot be multiplied", an index out of
+        # bounds); fastenc checks it as torch checks a padded input, with the same messages.
+        ("packed input_size", (pack_padded_sequence(torch.randn(STEPS, BATCH, 2), torch.tensor(LENGTHS),
+                                                    enforce_sorted=False),), RuntimeError, "input.size\\(-1\\)"),
+        ("packed hx batch", (packed, (torch.zeros(1, 2, HIDDEN), c)), RuntimeError, "Expected hidden\\[0\\] size"),
+    ]
+
+
+@pytest.mark.parametrize("case", _bad_calls(), ids=lambda c: c[0])
+def test_bad_input_errors_like_torch(case):
+    label, args, error, match = case
+    ours, theirs = _modules("cpu")
+    with pytest.raises(error if not label.startswith("packed") else RuntimeError,
+                       match=match if not label.startswith("packed") else None):
+        theirs(*args)
+    with pytest.raises(error, match=match):
+        ours(*args)
+
+
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        (dict(weight_hh=torch.randn(24, 5)), ValueError, "weight_hh must have shape \\(24, 6\\)"),
+        (dict(h0=torch.randn(2, 6)), ValueError, "h0 must have shape \\(3, 6\\)"),
+        (dict(c0=torch.randn(3, 6, dtype=torch.float64)), TypeError, "c0 has dtype torch.float64"),
+        (dict(bias_ih=torch.randn(23)), ValueError, "bias_ih must have shape"),
+        (dict(weight_ih=torch.randn(22, 5)), ValueError, "weight_ih must be a \\(4 \\* hidden_size"),
+        (dict(batch_sizes=torch.tensor([1, 3])), ValueError, "input must be \\(N, input_size\\)"),
+    ],
+)
+def test_functional_bad_input_names_the_argument(change, error, match):
+    args = dict(input=torch.randn(STEPS, BATCH, INPUT), h0=None, c0=None, weight_ih=torch.randn(24, INPUT),
+                weight_hh=torch.randn(24, HIDDEN), bias_ih=torch.randn(24))
+    args.update(change)
+    with pytest.raises(error, match=match):
+        F.lstm_layer(**args)
+
+
+@pytest.mark.parametrize("batch_sizes,match", [
+    (torch.tensor([1, 3]), "non-increasing"),
+    (torch.tensor([3, 2]), "sum to 5 but input has 4 rows"),
+    (torch.tensor([3, 1], dtype=torch.int32), "1-D int64"),
+])
+def test_functional_bad_batch_sizes(batch_sizes, match):
+    with pytest.raises(ValueError, match=match):
+        F.lstm_layer(torch.randn(4, INPUT), None, None, torch.randn(24, INPUT), torch.randn(24, HIDDEN),
+                     batch_sizes=batch_sizes)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 / bf16 Triton dots need a GPU (the interpreter's "
+                                                          "bf16 tl.dot is wrong, triton #11584)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("config,kind", [(dict(num_layers=2, bidirectional=True), "packed"),
+                                         (dict(proj_size=32, batch_first=True), "batched")])
+def test_autocast_on_gpu(dtype, config, kind):
+    """Under autocast fastenc's Triton LSTM runs in the autocast dtype, as torch's (cuDNN) does; both against the
+    float64 oracle, with a length where error growth shows."""
+    torch.manual_seed(0)
+    theirs = torch.nn.LSTM(INPUT, 64, **config).cuda()
+    ours = fastenc.nn.LSTM(INPUT, 64, **config).cuda()
+    ours.load_state_dict(theirs.state_dict())
+    inputs = _inputs(theirs, kind, True, "cuda", steps=max(LENGTHS))
+    with fastenc.backend("triton"), torch.autocast("cuda", dtype=dtype):
+        got = _run(ours, kind, inputs)
+        want = _run(theirs, kind, inputs)
+    assert got[0].dtype == want[0].dtype == dtype
+    exact = _run(copy.deepcopy(theirs).double(), kind, [t.double() for t in inputs])
+    # Gradients of float32 leaves come back in float32 from both; outputs in the autocast dtype.
+    compare_with_oracle(_names(ours, True), got, want, exact)
+
+
+def test_autocast_runs_in_the_autocast_dtype():
+    ours, theirs = _modules("cpu", bidirectional=True)
+    x = _inputs(theirs, "batched", False, "cpu")[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16), fastenc.backend("reference"):
+        out, (h_n, c_n) = ours(x)
+        want, (h_want, c_want) = theirs(x)
+    assert out.dtype == h_n.dtype == c_n.dtype == want.dtype == h_want.dtype == torch.bfloat16
+    torch.testing.assert_close(out, want, atol=3e-2, rtol=3e-2)
