@@ -14,7 +14,7 @@ from fastenc.ops import bias_activation as _bias_activation_op  # noqa: F401  (r
 from fastenc.ops import lstm as _lstm_op  # noqa: F401  (registers fastenc::lstm_layer)
 from fastenc.ops.layer_norm import AUTOCAST_FLOAT32_DEVICES
 
-__all__ = ["attention", "attention_varlen", "bias_activation", "layer_norm"]
+__all__ = ["attention", "attention_varlen", "bias_activation", "layer_norm", "lstm_layer"]
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh")
 
