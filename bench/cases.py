@@ -180,3 +180,60 @@ LAYER_NORM = register(OpBench(
     work=_layer_norm_work,
     x_axis=("N (hidden size)", lambda p: p["N"]),
 ))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# attention: softmax(q kᵀ · scale) v over (B, H, S, D), non-causal; peers are SDPA with each of its backends.
+# ---------------------------------------------------------------------------------------------------------------
+
+def _attention_inputs(params: dict, dtype: torch.dtype, device: torch.device, gen: torch.Generator) -> dict:
+    shape = (params["B"], params["H"], params["S"], params["D"])
+    return {name: _randn(shape, dtype, device, gen) for name in ("q", "k", "v")}
+
+
+def _attention_fastenc(t: dict) -> Tensor:
+    import fastenc
+
+    return fastenc.functional.attention(t["q"], t["k"], t["v"])
+
+
+def _attention_torch(t: dict) -> Tensor:
+    return F.scaled_dot_product_attention(t["q"], t["k"], t["v"])
+
+
+def _sdpa_with(backend_name: str) -> Callable[[dict], Tensor]:
+    """SDPA forced onto one of its backends (a provider that cannot run a case is reported as skipped)."""
+    def run(t: dict) -> Tensor:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(getattr(SDPBackend, backend_name)):
+            return _attention_torch(t)
+    return run
+
+
+def _attention_work(params: dict, dtype: torch.dtype, mode: str) -> Work:
+    """4·B·H·S²·D FLOPs forward (two matrix products); the backward is 2.5× that (BENCHMARKING.md)."""
+    forward = 4 * params["B"] * params["H"] * params["S"] ** 2 * params["D"]
+    return Work(flops=forward if mode == FWD else int(3.5 * forward))
+
+
+ATTENTION = register(OpBench(
+    name="attention",
+    bound="compute",
+    modes=(FWD, FWD_BWD),
+    # 16k tokens per batch on a GPU (the issue's target shapes); small ones on a CPU, where only the reference runs.
+    shapes={
+        "cuda": [{"B": 16384 // s, "H": 16, "S": s, "D": d} for d in (64, 128) for s in (512, 1024, 2048, 4096, 8192)],
+        "cpu": [{"B": 4, "H": 8, "S": s, "D": 64} for s in (128, 256)],
+        "quick": [{"B": 1, "H": 2, "S": 64, "D": 32}],
+    },
+    dtypes={"cuda": (torch.bfloat16,), "cpu": (torch.float32,)},
+    make_inputs=_attention_inputs,
+    grad_inputs=("q", "k", "v"),
+    fastenc_fn=_attention_fastenc,
+    torch_fn=_attention_torch,
+    work=_attention_work,
+    x_axis=("S (sequence length)", lambda p: p["S"]),
+    extra_peers={f"sdpa.{name.lower()}": _sdpa_with(name)
+                 for name in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")},
+))
