@@ -237,3 +237,49 @@ ATTENTION = register(OpBench(
     extra_peers={f"sdpa.{name.lower()}": _sdpa_with(name)
                  for name in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")},
 ))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bias + activation (+ dropout): the epilogue after a feed-forward block's first linear layer, GELU, (tokens, 4d).
+# ---------------------------------------------------------------------------------------------------------------
+
+def _bias_activation_inputs(params: dict, dtype: torch.dtype, device: torch.device, gen: torch.Generator) -> dict:
+    m, n = params["M"], params["N"]
+    return {"x": _randn((m, n), dtype, device, gen), "bias": _randn((n,), dtype, device, gen, scale=0.1)}
+
+
+def _bias_activation_fastenc(t: dict) -> Tensor:
+    import fastenc
+
+    return fastenc.functional.bias_activation(t["x"], t["bias"], "gelu")
+
+
+def _bias_activation_torch(t: dict) -> Tensor:
+    return F.gelu(t["x"] + t["bias"])
+
+
+def _bias_activation_work(params: dict, dtype: torch.dtype, mode: str) -> Work:
+    """fwd: read x, bias; write y. fwd+bwd adds: read dy, x, bias; write dx and dbias."""
+    m, n = params["M"], params["N"]
+    e = torch.empty((), dtype=dtype).element_size()
+    forward = (2 * m * n + n) * e
+    return Work(bytes=forward if mode == FWD else forward + (3 * m * n + 2 * n) * e)
+
+
+BIAS_ACTIVATION = register(OpBench(
+    name="bias_activation",
+    bound="memory",
+    modes=(FWD, FWD_BWD),
+    shapes={
+        "cuda": [{"M": 16384, "N": n} for n in (3072, 4096)],
+        "cpu": [{"M": 2048, "N": 3072}],
+        "quick": [{"M": 128, "N": 384}],
+    },
+    dtypes={"cuda": (torch.bfloat16,), "cpu": (torch.float32,)},
+    make_inputs=_bias_activation_inputs,
+    grad_inputs=("x", "bias"),
+    fastenc_fn=_bias_activation_fastenc,
+    torch_fn=_bias_activation_torch,
+    work=_bias_activation_work,
+    x_axis=("N (feed-forward width)", lambda p: p["N"]),
+))
