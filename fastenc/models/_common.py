@@ -38,3 +38,13 @@ def classification_head(hidden_size: int, num_classes: int | None, dropout: floa
         return None
     check_positive(num_classes=num_classes)
     return torch.nn.Sequential(torch.nn.Dropout(dropout), torch.nn.Linear(hidden_size, num_classes))
+
+
+class Encoder(torch.nn.Module):
+    """What every encoder model shares: forward is the optional classification head over `encode`."""
+
+    head: torch.nn.Module | None
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        pooled = self.encode(inputs)
+        return pooled if self.head is None else self.head(pooled)

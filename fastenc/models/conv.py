@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from fastenc import functional as F
-from fastenc.models._common import check_choice, check_input_ids, check_positive, classification_head, pool
+from fastenc.models._common import Encoder, check_choice, check_input_ids, check_positive, classification_head, pool
 
 
 class ConvLayer(torch.nn.Module):
@@ -23,7 +23,7 @@ class ConvLayer(torch.nn.Module):
         return F.bias_activation(x, self.bias, "relu", self.dropout if self.training else 0.0)
 
 
-class ConvEncoder(torch.nn.Module):
+class ConvEncoder(Encoder):
     """`num_layers` Conv1d layers of `channels` filters of width `kernel_size` ("same" length), each followed by
     the fused bias + ReLU + dropout; pad tokens are zeroed before every convolution so that they add nothing.
     pooling: "max" or "mean" over non-pad tokens."""
@@ -58,10 +58,6 @@ class ConvEncoder(torch.nn.Module):
 
     def encode(self, input_ids: Tensor) -> Tensor:
         return pool(self.hidden_states(input_ids), input_ids == self.pad_id, self.pooling)
-
-    def forward(self, input_ids: Tensor) -> Tensor:
-        pooled = self.encode(input_ids)
-        return pooled if self.head is None else self.head(pooled)
 
     def blocks(self) -> list[torch.nn.Module]:
         return [self.embedding, *self.layers]

@@ -7,10 +7,10 @@ from torch import Tensor
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from fastenc import nn
-from fastenc.models._common import check_choice, check_input_ids, check_positive, classification_head, pool
+from fastenc.models._common import Encoder, check_choice, check_input_ids, check_positive, classification_head, pool
 
 
-class LSTMEncoder(torch.nn.Module):
+class LSTMEncoder(Encoder):
     """pooling: "last" (the forward direction's state after the last token; with `bidirectional`, joined with the
     backward direction's state after the first token) or "mean" over non-pad tokens of the outputs.
     hidden_size is `hidden` times the number of directions. Sequences are packed, so padding never enters
@@ -57,10 +57,6 @@ class LSTMEncoder(torch.nn.Module):
         # direction's final state is at the sequence's own end (its last token forward, its first backward).
         directions = 2 if self.lstm.bidirectional else 1
         return torch.cat(list(h_n[-directions:]), dim=-1)
-
-    def forward(self, input_ids: Tensor) -> Tensor:
-        pooled = self.encode(input_ids)
-        return pooled if self.head is None else self.head(pooled)
 
     def blocks(self) -> list[torch.nn.Module]:
         return [self.embedding, self.lstm]

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from fastenc import functional as F
 from fastenc.functional import ACTIVATIONS
-from fastenc.models._common import check_choice, check_positive, classification_head
+from fastenc.models._common import Encoder, check_choice, check_positive, classification_head
 
 
 class Dense(torch.nn.Module):
@@ -28,7 +28,7 @@ class Dense(torch.nn.Module):
                                  self.dropout if self.training else 0.0)
 
 
-class MLPEncoder(torch.nn.Module):
+class MLPEncoder(Encoder):
     """dims = (in_features, hidden, ..., out): one Dense layer per consecutive pair; out is hidden_size.
 
     With `num_classes`, forward returns logits from a linear head on the last layer's features.
@@ -54,10 +54,6 @@ class MLPEncoder(torch.nn.Module):
         for layer in self.layers:
             x = layer(x)
         return x
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.encode(x)
-        return h if self.head is None else self.head(h)
 
     def blocks(self) -> list[torch.nn.Module]:
         return list(self.layers)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from fastenc import nn
-from fastenc.models._common import check_choice, check_input_ids, check_positive, classification_head, pool
+from fastenc.models._common import Encoder, check_choice, check_input_ids, check_positive, classification_head, pool
 
 POSITIONS = ("sinusoidal", "learned")
 
@@ -51,7 +51,7 @@ class Embeddings(torch.nn.Module):
         return self.dropout(x)
 
 
-class TransformerEncoderModel(torch.nn.Module):
+class TransformerEncoderModel(Encoder):
     """A text encoder: embeddings, `num_layers` fastenc encoder layers (batch first), pooling, optional head.
 
     Pad tokens (`pad_id`) become the encoder's padding mask, so the layers run padding-free on packed tokens.
@@ -98,10 +98,6 @@ class TransformerEncoderModel(torch.nn.Module):
 
     def encode(self, input_ids: Tensor) -> Tensor:
         return pool(self.hidden_states(input_ids), input_ids == self.pad_id, self.pooling)
-
-    def forward(self, input_ids: Tensor) -> Tensor:
-        pooled = self.encode(input_ids)
-        return pooled if self.head is None else self.head(pooled)
 
     def blocks(self) -> list[torch.nn.Module]:
         blocks = [self.embeddings, *self.encoder.layers]
