@@ -95,7 +95,7 @@ def nvidia_include_dirs() -> list[str]:
 
 
 def extension():
-    cpp_sources = ["csrc/fastenc.cpp", "csrc/cpu/layer_norm.cpp"]
+    cpp_sources = ["csrc/fastenc.cpp", "csrc/lstm.cpp", "csrc/cpu/layer_norm.cpp", "csrc/cpu/lstm.cpp"]
     # torch picks the C++ standard its headers need. at::parallel_for is inline OpenMP code: without -fopenmp it
     # would run every loop on one thread. (libgomp is the one torch itself loads.)
     cxx_flags = ["-O3", "-fopenmp"]
@@ -113,7 +113,7 @@ def extension():
     include_dirs = [os.path.join(cpp_extension.CUDA_HOME, "include"), *nvidia_include_dirs()]
     return cpp_extension.CUDAExtension(
         "fastenc._C",
-        cpp_sources + ["csrc/cuda/layer_norm.cu"],
+        cpp_sources + ["csrc/cuda/layer_norm.cu", "csrc/cuda/lstm.cu"],
         include_dirs=include_dirs,
         extra_compile_args={
             "cxx": cxx_flags + ["-DFASTENC_WITH_CUDA", arch_macro],

@@ -27,27 +27,27 @@ def lstm_backend(backend_device):
     return name, device
 
 
-def _modules(device, seed=0, **config):
+def _modules(device, seed=0, input_size=INPUT, hidden=HIDDEN, **config):
     """(fastenc module, torch module) with the same weights, in float32."""
     torch.manual_seed(seed)
-    theirs = torch.nn.LSTM(INPUT, HIDDEN, **config).to(device)
-    ours = fastenc.nn.LSTM(INPUT, HIDDEN, **config).to(device)
+    theirs = torch.nn.LSTM(input_size, hidden, **config).to(device)
+    ours = fastenc.nn.LSTM(input_size, hidden, **config).to(device)
     ours.load_state_dict(theirs.state_dict())
     return ours, theirs
 
 
-def _inputs(module, kind, with_hx, device, dtype=torch.float32, steps=STEPS, seed=1):
+def _inputs(module, kind, with_hx, device, dtype=torch.float32, steps=STEPS, seed=1, batch=BATCH):
     """(x, h0, c0) for `kind` ("batched", "unbatched", "packed": padded here, packed inside _run)."""
     g = torch.Generator().manual_seed(seed)
     layers = module.num_layers * (2 if module.bidirectional else 1)
     out_size = module.proj_size or module.hidden_size
     if kind == "unbatched":
-        x = torch.randn(steps, INPUT, generator=g)
+        x = torch.randn(steps, module.input_size, generator=g)
         hx = [torch.randn(layers, size, generator=g) for size in (out_size, module.hidden_size)]
     else:
-        x = torch.randn(BATCH, steps, INPUT, generator=g)
+        x = torch.randn(batch, steps, module.input_size, generator=g)
         x = x if module.batch_first else x.transpose(0, 1).contiguous()
-        hx = [torch.randn(layers, BATCH, size, generator=g) for size in (out_size, module.hidden_size)]
+        hx = [torch.randn(layers, batch, size, generator=g) for size in (out_size, module.hidden_size)]
     tensors = [t.to(dtype).to(device) for t in (x, *hx)]
     return tensors if with_hx else tensors[:1]
 
@@ -133,14 +133,47 @@ def test_dropout_between_layers_matches_torch():
 
 
 def test_long_sequence_error_growth(lstm_backend):
-    """T = 1000 on the reference (T = 60 on Triton's interpreter, which runs one program at a time): the error
-    must not grow beyond torch's own float32 error over the sequence."""
+    """T = 1000 (T = 60 on Triton's interpreter, which runs one program at a time): the error must not grow beyond
+    torch's own float32 error over the sequence."""
     name, device = lstm_backend
-    steps = 1000 if name == "reference" or device == "cuda" else 60
+    steps = 60 if name == "triton" and device == "cpu" else 1000
     ours, theirs = _modules(device, seed=3)
     inputs = _inputs(theirs, "batched", True, device, steps=steps, seed=4)
     got = _check_against_torch(ours, theirs, "batched", inputs)
     assert torch.isfinite(got[0]).all()
+
+
+def test_full_size_on_a_compiled_backend(lstm_backend):
+    """The benchmark's CPU size (hidden 256, batch 32, T 128), a bidirectional layer with a projection off and
+    on, where the interpreter is not in the way (native on CPU, every backend on a GPU)."""
+    name, device = lstm_backend
+    if device == "cpu" and name != "native":
+        pytest.skip(f"full size runs on compiled kernels only; {name} on CPU is covered by the small cases")
+    for proj in (0, 64):
+        ours, theirs = _modules(device, input_size=128, hidden=256, bidirectional=True,
+                                proj_size=proj)
+        _check_against_torch(ours, theirs, "batched", _inputs(theirs, "batched", True, device, steps=128, batch=32))
+    assert backends.last_used()["lstm"] == name
+
+
+@pytest.mark.parametrize("proj,packed,reverse", [(0, False, False), (0, True, True), (3, True, False)])
+def test_gradcheck(lstm_backend, proj, packed, reverse):
+    """The op's backward (each backend's own) is the derivative of its forward, in float64."""
+    name, device = lstm_backend
+    if name == "triton":
+        pytest.skip("the triton lstm has no float64 (test_against_torch checks its backward in float32)")
+    g = torch.Generator().manual_seed(8)
+    rnd = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64).to(device)  # noqa: E731
+    p = proj or HIDDEN
+    batch_sizes = torch.tensor([3, 2, 2]) if packed else None
+    x = rnd(7, INPUT) if packed else rnd(3, BATCH, INPUT)
+    leaves = [x, rnd(BATCH, p), rnd(BATCH, HIDDEN), rnd(4 * HIDDEN, INPUT) * 0.5, rnd(4 * HIDDEN, p) * 0.5,
+              rnd(4 * HIDDEN), rnd(4 * HIDDEN), rnd(p, HIDDEN) * 0.5 if proj else None]
+    leaves = [t if t is None else t.requires_grad_() for t in leaves]
+    with fastenc.backend(name):
+        assert torch.autograd.gradcheck(
+            lambda *a: F.lstm_layer(*a, batch_sizes=batch_sizes, reverse=reverse), leaves, eps=1e-6, atol=1e-7)
+    assert backends.last_used()["lstm"] == name
 
 
 @pytest.mark.parametrize("reverse", [False, True])

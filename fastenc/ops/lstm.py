@@ -4,7 +4,7 @@ The caller does the input projection of every step as one GEMM in torch (gates_x
 autograd through that GEMM gives dx, dW_ih and the biases from d gates_x; the op is the recurrence only.
 Gate order i, f, g, o (torch's). P = proj_size if W_hr is given, else H.
 
-Contract every implementation follows (reference, kernels/lstm.py; fastenc._C when it has one):
+Contract every implementation follows (reference, kernels/lstm.py, fastenc._C from csrc/lstm.cpp):
   lstm_layer_forward(gates_x, h0, c0, w_hh, w_hr, batch_sizes, reverse) -> (out, h_n, c_n, gates, cs, rs)
       gates_x: (T, B, 4H) with batch_sizes None, or (N, 4H) packed as PackedSequence.data with batch_sizes (T,)
       int64 on the CPU (non-increasing, batch_sizes[0] = B, sum N): at step t only the first batch_sizes[t] rows
@@ -37,7 +37,9 @@ from torch import Tensor
 
 from fastenc import backends
 
-backends.register("lstm", {"reference": "fastenc.reference.lstm", "triton": "fastenc.kernels.lstm"})
+backends.register(
+    "lstm", {"reference": "fastenc.reference.lstm", "triton": "fastenc.kernels.lstm", "native": "fastenc._C"}
+)
 
 
 def _saved_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -1,0 +1,181 @@
+// The fused LSTM cell of one step on CPU: rows split over threads, each row's H columns in one vectorised loop.
+//
+// float32 uses our own exp (below) so the loop vectorises: glibc's expf is a scalar call that gcc will not
+// vectorise without -ffast-math, and a cell is ~5 transcendentals per element, which would cost more than the
+// step's GEMM. The x86 row loops are compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time
+// (target_clones). float64 (gradcheck, oracles) uses std::exp / std::tanh.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+
+#include "../lstm.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FASTENC_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FASTENC_CPU_CLONES
+#endif
+#define FASTENC_INLINE inline __attribute__((always_inline))
+
+namespace fastenc {
+namespace {
+
+// Rows handed to a thread at least: ~16K elements per chunk, so a small batch stays on one thread.
+constexpr int64_t kGrainElements = 16384;
+
+// e^x = 2^k e^r with k = round(x log2 e) and r = x - k ln 2 (ln 2 in two parts, so r is exact), |r| <= ln2 / 2;
+// e^r by its Taylor series to r^7 (truncation < 6e-9, under float32's rounding). The round uses the 1.5 * 2^23
+// trick, whose bits also hold k. x is clamped so 2^k stays a normal float; NaN passes the clamp and the result.
+FASTENC_INLINE float exp_f32(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
+  const float shifted = x * 1.44269504088896341f + 12582912.0f;
+  const float k = shifted - 12582912.0f;
+  const float r = (x - k * 0.693145751953125f) - k * 1.42860682030941723e-6f;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t k_int = std::bit_cast<int32_t>(shifted) - 0x4B400000;
+  return p * std::bit_cast<float>((k_int + 127) << 23);
+}
+
+FASTENC_INLINE float sigmoid(float x) { return 1.0f / (1.0f + exp_f32(-x)); }
+
+// tanh: an odd polynomial near 0, where 1 - 2 / (e^{2|x|} + 1) would cancel; both sides are computed and one is
+// selected, so the loop stays branch-free. The polynomial is the minimax fit used by Cephes' tanhf on |x| < 0.625.
+FASTENC_INLINE float tanh_of(float x) {
+  const float z = x * x;
+  float p = -5.70498872745e-3f;
+  p = p * z + 2.06390887954e-2f;
+  p = p * z - 5.37397155531e-2f;
+  p = p * z + 1.33314422036e-1f;
+  p = p * z - 3.33332819422e-1f;
+  const float near_zero = x + x * z * p;
+  const float a = std::fabs(x);
+  const float far = std::copysign(1.0f - 2.0f / (exp_f32(2.0f * a) + 1.0f), x);
+  return a < 0.625f ? near_zero : far;
+}
+
+FASTENC_INLINE double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+FASTENC_INLINE double tanh_of(double x) { return std::tanh(x); }
+
+template <typename T>
+FASTENC_INLINE void forward_row(T* gates, const T* c_prev, T* c, T* r, int64_t hidden) {
+  for (int64_t j = 0; j < hidden; ++j) {
+    const T i = sigmoid(gates[j]);
+    const T f = sigmoid(gates[hidden + j]);
+    const T g = tanh_of(gates[2 * hidden + j]);
+    const T o = sigmoid(gates[3 * hidden + j]);
+    const T c_t = f * c_prev[j] + i * g;
+    gates[j] = i;
+    gates[hidden + j] = f;
+    gates[2 * hidden + j] = g;
+    gates[3 * hidden + j] = o;
+    c[j] = c_t;
+    r[j] = o * tanh_of(c_t);
+  }
+}
+
+template <typename T>
+FASTENC_INLINE void backward_row(const T* gates, const T* c, const T* c_prev, const T* dr, T* dc, T* d_gates,
+                                 int64_t hidden) {
+  for (int64_t j = 0; j < hidden; ++j) {
+    const T i = gates[j], f = gates[hidden + j], g = gates[2 * hidden + j], o = gates[3 * hidden + j];
+    const T tc = tanh_of(c[j]);
+    const T dc_t = dc[j] + dr[j] * o * (T(1) - tc * tc);
+    d_gates[j] = dc_t * g * i * (T(1) - i);
+    d_gates[hidden + j] = dc_t * c_prev[j] * f * (T(1) - f);
+    d_gates[2 * hidden + j] = dc_t * i * (T(1) - g * g);
+    d_gates[3 * hidden + j] = dr[j] * tc * o * (T(1) - o);
+    dc[j] = dc_t * f;
+  }
+}
+
+template <typename T>
+FASTENC_INLINE void forward_rows_loop(T* gates, const T* c_prev, T* c, T* r, int64_t rows, int64_t hidden) {
+  for (int64_t b = 0; b < rows; ++b) {
+    const int64_t h = b * hidden;
+    forward_row(gates + 4 * h, c_prev + h, c + h, r + h, hidden);
+  }
+}
+
+template <typename T>
+FASTENC_INLINE void backward_rows_loop(const T* gates, const T* c, const T* c_prev, const T* dr, T* dc, T* d_gates,
+                                  int64_t rows, int64_t hidden) {
+  for (int64_t b = 0; b < rows; ++b) {
+    const int64_t h = b * hidden;
+    backward_row(gates + 4 * h, c + h, c_prev + h, dr + h, dc + h, d_gates + 4 * h, hidden);
+  }
+}
+
+// The float32 row loops, multi-versioned (target_clones does not apply to templates); float64 runs the loop as is.
+FASTENC_CPU_CLONES void forward_rows_f32(float* gates, const float* c_prev, float* c, float* r, int64_t rows,
+                                         int64_t hidden) {
+  forward_rows_loop(gates, c_prev, c, r, rows, hidden);
+}
+
+FASTENC_CPU_CLONES void backward_rows_f32(const float* gates, const float* c, const float* c_prev, const float* dr,
+                                          float* dc, float* d_gates, int64_t rows, int64_t hidden) {
+  backward_rows_loop(gates, c, c_prev, dr, dc, d_gates, rows, hidden);
+}
+
+void forward_rows(float* gates, const float* c_prev, float* c, float* r, int64_t rows, int64_t hidden) {
+  forward_rows_f32(gates, c_prev, c, r, rows, hidden);
+}
+void forward_rows(double* gates, const double* c_prev, double* c, double* r, int64_t rows, int64_t hidden) {
+  forward_rows_loop(gates, c_prev, c, r, rows, hidden);
+}
+void backward_rows(const float* gates, const float* c, const float* c_prev, const float* dr, float* dc,
+                   float* d_gates, int64_t rows, int64_t hidden) {
+  backward_rows_f32(gates, c, c_prev, dr, dc, d_gates, rows, hidden);
+}
+void backward_rows(const double* gates, const double* c, const double* c_prev, const double* dr, double* dc,
+                   double* d_gates, int64_t rows, int64_t hidden) {
+  backward_rows_loop(gates, c, c_prev, dr, dc, d_gates, rows, hidden);
+}
+
+int64_t row_grain(int64_t hidden) { return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(4 * hidden, 1)); }
+
+}  // namespace
+
+void lstm_cell_forward_cpu(at::Tensor& gates, const at::Tensor& c_prev, at::Tensor& c, at::Tensor& r) {
+  const int64_t rows = gates.size(0), hidden = c.size(1);
+  AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "lstm_cell_forward_cpu", [&] {
+    scalar_t* g = gates.data_ptr<scalar_t>();
+    const scalar_t* cp = c_prev.data_ptr<scalar_t>();
+    scalar_t* cc = c.data_ptr<scalar_t>();
+    scalar_t* rr = r.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, row_grain(hidden), [&](int64_t begin, int64_t end) {
+      const int64_t h = begin * hidden;
+      forward_rows(g + 4 * h, cp + h, cc + h, rr + h, end - begin, hidden);
+    });
+  });
+}
+
+void lstm_cell_backward_cpu(const at::Tensor& gates, const at::Tensor& c, const at::Tensor& c_prev,
+                            const at::Tensor& dr, at::Tensor& dc, at::Tensor& d_gates) {
+  const int64_t rows = gates.size(0), hidden = c.size(1);
+  AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "lstm_cell_backward_cpu", [&] {
+    const scalar_t* g = gates.data_ptr<scalar_t>();
+    const scalar_t* cc = c.data_ptr<scalar_t>();
+    const scalar_t* cp = c_prev.data_ptr<scalar_t>();
+    const scalar_t* d = dr.data_ptr<scalar_t>();
+    scalar_t* dcc = dc.data_ptr<scalar_t>();
+    scalar_t* dg = d_gates.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, row_grain(hidden), [&](int64_t begin, int64_t end) {
+      const int64_t h = begin * hidden;
+      backward_rows(g + 4 * h, cc + h, cp + h, d + h, dcc + h, dg + 4 * h, end - begin, hidden);
+    });
+  });
+}
+
+}  // namespace fastenc

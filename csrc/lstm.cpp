@@ -1,0 +1,202 @@
+// The LSTM sequence driver, the same code for CPU and CUDA tensors: the whole time loop in C++ (no Python per
+// step), per step one GEMM (h_{t-1} W_hh^T added onto the precomputed input gates, written straight into the saved
+// gates) and one fused pointwise cell; the weight gradients are one GEMM each over all steps after the loop.
+//
+// Rows: gates_x is (T, B, 4H), or (N, 4H) packed with batch_sizes; either way N flat rows, step t owning rows
+// off_t .. off_t + n_t. A step reads h_{t-1} from the rows of the step processed before it (out) and c_{t-1} from
+// the saved cell states; rows that were not active then (only in the reverse direction of a packed batch) start
+// from h0 / c0. Math in float32 (float64 for float64 input); h is stored in the input dtype, as the next step's
+// GEMM reads it.
+#include "lstm.h"
+
+#include <algorithm>
+#include <vector>
+
+namespace fastenc {
+namespace {
+
+struct Step {
+  int64_t off, n;            // this step's rows
+  int64_t prev_off, prev_n;  // the rows of the step processed before it (0 rows for the first)
+};
+
+struct Schedule {
+  std::vector<Step> steps;  // in processing order (time order, or reversed)
+  at::Tensor first, last;   // per batch row: its flat row at its first / last processed step (int64, on device)
+  at::Tensor previous;      // per flat row: its row in cat([out, h0]) holding the h that step started from
+};
+
+// `rows_lead`: the leading size of gates_x / out, i.e. T, or N when packed.
+Schedule make_schedule(const std::optional<at::Tensor>& batch_sizes, int64_t rows_lead, int64_t batch, bool reverse,
+                       const at::Device& device) {
+  const int64_t steps = batch_sizes.has_value() ? batch_sizes->numel() : rows_lead;
+  std::vector<int64_t> sizes(steps, batch);
+  if (batch_sizes.has_value()) {
+    const auto sizes_cpu = batch_sizes->to(at::kLong).contiguous();
+    std::copy_n(sizes_cpu.data_ptr<int64_t>(), steps, sizes.begin());
+  }
+  std::vector<int64_t> offsets(steps + 1, 0);
+  for (int64_t t = 0; t < steps; ++t) offsets[t + 1] = offsets[t] + sizes[t];
+  const int64_t rows = offsets[steps];
+
+  Schedule plan;
+  std::vector<int64_t> first(batch), last(batch), previous(rows);
+  int64_t prev_off = 0, prev_n = 0;
+  for (int64_t k = 0; k < steps; ++k) {
+    const int64_t t = reverse ? steps - 1 - k : k;
+    const int64_t off = offsets[t], n = sizes[t];
+    plan.steps.push_back({off, n, prev_off, prev_n});
+    for (int64_t b = 0; b < n; ++b) {
+      const bool continues = b < prev_n;
+      previous[off + b] = continues ? prev_off + b : rows + b;
+      if (!continues) first[b] = off + b;
+      last[b] = off + b;
+    }
+    prev_off = off;
+    prev_n = n;
+  }
+  const auto to_tensor = [&](const std::vector<int64_t>& v) {
+    return at::tensor(v, at::TensorOptions().dtype(at::kLong)).to(device);
+  };
+  plan.first = to_tensor(first);
+  plan.last = to_tensor(last);
+  plan.previous = to_tensor(previous);
+  return plan;
+}
+
+// The n rows a step starts from: the previous step's rows of `states` where they were active, `initial` after.
+at::Tensor rows_before(const at::Tensor& states, const at::Tensor& initial, const Step& s) {
+  const int64_t k = std::min(s.n, s.prev_n);
+  if (k == s.n) return states.narrow(0, s.prev_off, s.n);
+  if (k == 0) return initial.narrow(0, 0, s.n);
+  return at::cat({states.narrow(0, s.prev_off, k), initial.narrow(0, k, s.n - k)});
+}
+
+void cell_forward(at::Tensor& gates, const at::Tensor& c_prev, at::Tensor& c, at::Tensor& r) {
+  if (gates.is_cuda()) {
+#ifdef FASTENC_WITH_CUDA
+    return lstm_cell_forward_cuda(gates, c_prev, c, r);
+#endif
+  }
+  lstm_cell_forward_cpu(gates, c_prev, c, r);
+}
+
+void cell_backward(const at::Tensor& gates, const at::Tensor& c, const at::Tensor& c_prev, const at::Tensor& dr,
+                   at::Tensor& dc, at::Tensor& d_gates) {
+  if (gates.is_cuda()) {
+#ifdef FASTENC_WITH_CUDA
+    return lstm_cell_backward_cuda(gates, c, c_prev, dr, dc, d_gates);
+#endif
+  }
+  lstm_cell_backward_cpu(gates, c, c_prev, dr, dc, d_gates);
+}
+
+at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+}  // namespace
+
+LstmForward lstm_layer_forward(const at::Tensor& gates_x, const at::Tensor& h0, const at::Tensor& c0,
+                               const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
+                               const std::optional<at::Tensor>& batch_sizes, bool reverse) {
+  const auto acc = acc_type(gates_x.scalar_type());
+  const bool same = gates_x.scalar_type() == acc;
+  const int64_t hidden = c0.size(1), proj = h0.size(1), batch = h0.size(0);
+  const auto lead = gates_x.sizes().slice(0, gates_x.dim() - 1);
+  const auto gx = gates_x.reshape({-1, 4 * hidden}).to(acc).contiguous();
+  const int64_t rows = gx.size(0);
+  const auto plan = make_schedule(batch_sizes, gates_x.size(0), batch, reverse, gates_x.device());
+
+  auto out = at::empty({rows, proj}, gates_x.options());
+  auto gates = at::empty({rows, 4 * hidden}, gx.options());
+  auto cs = at::empty({rows, hidden}, gx.options());
+  auto rs = w_hr.has_value() ? at::empty({rows, hidden}, gx.options()) : at::empty({0}, gx.options());
+  const auto w_hh_t = w_hh.to(acc).t();
+  const auto w_hr_t = w_hr.has_value() ? w_hr->to(acc).t() : at::Tensor();
+  const auto c0_acc = c0.to(acc).contiguous();
+  // o * tanh(c) of one step when it is neither saved (no projection) nor the output itself (a low-precision out).
+  auto r_scratch = (!w_hr.has_value() && !same) ? at::empty({batch, hidden}, gx.options()) : at::Tensor();
+
+  for (const Step& s : plan.steps) {
+    auto h_prev = rows_before(out, h0, s);
+    if (!same) h_prev = h_prev.to(acc);
+    const auto c_prev = rows_before(cs, c0_acc, s).contiguous();
+    auto g = gates.narrow(0, s.off, s.n);
+    at::addmm_out(g, gx.narrow(0, s.off, s.n), h_prev, w_hh_t);
+    auto c = cs.narrow(0, s.off, s.n);
+    auto y = out.narrow(0, s.off, s.n);
+    auto r = w_hr.has_value() ? rs.narrow(0, s.off, s.n) : (same ? y : r_scratch.narrow(0, 0, s.n));
+    cell_forward(g, c_prev, c, r);
+    if (w_hr.has_value()) {
+      if (same) {
+        at::mm_out(y, r, w_hr_t);
+      } else {
+        y.copy_(at::mm(r, w_hr_t));
+      }
+    } else if (!same) {
+      y.copy_(r);
+    }
+  }
+  auto lead_shape = [&](int64_t width) {
+    std::vector<int64_t> shape(lead.begin(), lead.end());
+    shape.push_back(width);
+    return shape;
+  };
+  auto h_n = out.index_select(0, plan.last).to(h0.scalar_type());
+  auto c_n = cs.index_select(0, plan.last).to(c0.scalar_type());
+  return {out.view(lead_shape(proj)), h_n, c_n, gates.view(lead_shape(4 * hidden)), cs.view(lead_shape(hidden)),
+          w_hr.has_value() ? rs.view(lead_shape(hidden)) : rs};
+}
+
+LstmBackward lstm_layer_backward(const at::Tensor& d_out, const at::Tensor& d_hn, const at::Tensor& d_cn,
+                                 const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh,
+                                 const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& batch_sizes,
+                                 bool reverse, const at::Tensor& out, const at::Tensor& gates, const at::Tensor& cs,
+                                 const at::Tensor& rs) {
+  const auto acc = gates.scalar_type();
+  const int64_t hidden = c0.size(1), proj = h0.size(1), batch = h0.size(0);
+  const auto g_all = gates.reshape({-1, 4 * hidden}).contiguous();
+  const auto c_all = cs.reshape({-1, hidden}).contiguous();
+  const auto out_all = out.reshape({-1, proj});
+  const int64_t rows = g_all.size(0);
+  const auto plan = make_schedule(batch_sizes, out.size(0), batch, reverse, out.device());
+
+  const auto d_out_acc = d_out.reshape({-1, proj}).to(acc);
+  const auto d_hn_acc = d_hn.to(acc);
+  const auto c0_acc = c0.to(acc).contiguous();
+  const auto w = w_hh.to(acc);
+  const auto w_r = w_hr.has_value() ? w_hr->to(acc) : at::Tensor();
+  auto d_gates = at::empty({rows, 4 * hidden}, g_all.options());
+  // dL/dh of every row: kept whole for dW_hr with a projection, one step's worth otherwise.
+  auto d_h = at::empty({w_hr.has_value() ? rows : batch, proj}, g_all.options());
+  auto dr_scratch = w_hr.has_value() ? at::empty({batch, hidden}, g_all.options()) : at::Tensor();
+  auto dc = d_cn.to(acc).contiguous().clone();
+
+  Step next{0, 0, 0, 0};  // the step processed after this one in the forward
+  for (auto it = plan.steps.rbegin(); it != plan.steps.rend(); ++it) {
+    const Step& s = *it;
+    const int64_t k = std::min(s.n, next.n);
+    // A row active at the next step feeds its h into that step's gates; otherwise its h is h_n.
+    auto dh = d_h.narrow(0, w_hr.has_value() ? s.off : 0, s.n);
+    dh.copy_(d_out_acc.narrow(0, s.off, s.n));
+    if (k > 0) dh.narrow(0, 0, k).addmm_(d_gates.narrow(0, next.off, k), w);
+    if (k < s.n) dh.narrow(0, k, s.n - k).add_(d_hn_acc.narrow(0, k, s.n - k));
+    auto dr = dh;
+    if (w_hr.has_value()) {
+      dr = dr_scratch.narrow(0, 0, s.n);
+      at::mm_out(dr, dh, w_r);
+    }
+    const auto c_prev = rows_before(c_all, c0_acc, s).contiguous();
+    auto dc_rows = dc.narrow(0, 0, s.n);
+    auto dg = d_gates.narrow(0, s.off, s.n);
+    cell_backward(g_all.narrow(0, s.off, s.n), c_all.narrow(0, s.off, s.n), c_prev, dr, dc_rows, dg);
+    next = s;
+  }
+  const auto h_prev = at::cat({out_all, h0}).index_select(0, plan.previous).to(acc);
+  auto dw_hh = at::mm(d_gates.t(), h_prev);
+  auto dh0 = at::mm(d_gates.index_select(0, plan.first), w).to(h0.scalar_type());
+  auto dw_hr = w_hr.has_value() ? at::mm(d_h.t(), rs.reshape({-1, hidden})) : at::empty({0}, g_all.options());
+  auto d_gates_x = d_gates.to(out.scalar_type()).view(gates.sizes());
+  return {d_gates_x, dh0, dc.to(c0.scalar_type()), dw_hh, dw_hr};
+}
+
+}  // namespace fastenc

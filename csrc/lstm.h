@@ -1,0 +1,43 @@
+// One LSTM layer in one direction: the sequence driver (lstm.cpp, device-neutral: the time loop in C++, per-step
+// GEMMs through ATen, i.e. MKL/oneDNN on CPU and cuBLAS on CUDA) and the fused pointwise cell of one step, per
+// device (cpu/lstm.cpp, cuda/lstm.cu). The contract is fastenc/ops/lstm.py's; the argument checks run once, in
+// fastenc.cpp.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace fastenc {
+
+using LstmForward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using LstmBackward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// -> (out, h_n, c_n, gates, cs, rs)
+LstmForward lstm_layer_forward(const at::Tensor& gates_x, const at::Tensor& h0, const at::Tensor& c0,
+                               const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
+                               const std::optional<at::Tensor>& batch_sizes, bool reverse);
+
+// -> (d_gates_x, dh0, dc0, dw_hh, dw_hr)
+LstmBackward lstm_layer_backward(const at::Tensor& d_out, const at::Tensor& d_hn, const at::Tensor& d_cn,
+                                 const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh,
+                                 const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& batch_sizes,
+                                 bool reverse, const at::Tensor& out, const at::Tensor& gates, const at::Tensor& cs,
+                                 const at::Tensor& rs);
+
+// The cells work on n contiguous rows of float32 / float64 tensors (H = hidden size).
+// forward: `gates` (n, 4H) holds the preactivations i f g o on entry and their nonlinearities on return;
+//          c = f * c_prev + i * g and r = o * tanh(c), both (n, H).
+// backward: from the step's gates, c, c_prev, dr = dL/dr (n, H) and dc (n, H) = dL/dc_t from the later steps,
+//           writes d_gates (n, 4H) (gradients of the preactivations) and replaces dc by dL/dc_{t-1}.
+void lstm_cell_forward_cpu(at::Tensor& gates, const at::Tensor& c_prev, at::Tensor& c, at::Tensor& r);
+void lstm_cell_backward_cpu(const at::Tensor& gates, const at::Tensor& c, const at::Tensor& c_prev,
+                            const at::Tensor& dr, at::Tensor& dc, at::Tensor& d_gates);
+#ifdef FASTENC_WITH_CUDA
+void lstm_cell_forward_cuda(at::Tensor& gates, const at::Tensor& c_prev, at::Tensor& c, at::Tensor& r);
+void lstm_cell_backward_cuda(const at::Tensor& gates, const at::Tensor& c, const at::Tensor& c_prev,
+                             const at::Tensor& dr, at::Tensor& dc, at::Tensor& d_gates);
+#endif
+
+}  // namespace fastenc
