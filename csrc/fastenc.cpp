@@ -100,9 +100,9 @@ void check_lstm(const at::Tensor& gates_x, const at::Tensor& h0, const at::Tenso
 
 LstmForward lstm_layer_forward_checked(const at::Tensor& gates_x, const at::Tensor& h0, const at::Tensor& c0,
                                        const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
-                                       const std::optional<at::Tensor>& batch_sizes, bool reverse) {
+                                       const std::optional<at::Tensor>& batch_sizes, bool reverse, bool save) {
   check_lstm(gates_x, h0, c0, w_hh, w_hr, batch_sizes, "gates_x", gates_x.scalar_type());
-  return lstm_layer_forward(gates_x, h0, c0, w_hh, w_hr, batch_sizes, reverse);
+  return lstm_layer_forward(gates_x, h0, c0, w_hh, w_hr, batch_sizes, reverse, save);
 }
 
 LstmBackward lstm_layer_backward_checked(const at::Tensor& d_out, const at::Tensor& d_hn, const at::Tensor& d_cn,
@@ -153,7 +153,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("has_bias"));
   m.def("lstm_layer_forward", &fastenc::lstm_layer_forward_checked,
         "One LSTM layer in one direction -> (out, h_n, c_n, gates, cs, rs)", py::arg("gates_x"), py::arg("h0"),
-        py::arg("c0"), py::arg("w_hh"), py::arg("w_hr"), py::arg("batch_sizes"), py::arg("reverse"));
+        py::arg("c0"), py::arg("w_hh"), py::arg("w_hr"), py::arg("batch_sizes"), py::arg("reverse"), py::arg("save"));
   m.def("lstm_layer_backward", &fastenc::lstm_layer_backward_checked,
         "Its backward -> (d_gates_x, dh0, dc0, dw_hh, dw_hr)", py::arg("d_out"), py::arg("d_hn"), py::arg("d_cn"),
         py::arg("h0"), py::arg("c0"), py::arg("w_hh"), py::arg("w_hr"), py::arg("batch_sizes"), py::arg("reverse"),

@@ -64,12 +64,12 @@ Schedule make_schedule(const std::optional<at::Tensor>& batch_sizes, int64_t row
   return plan;
 }
 
-// The n rows a step starts from: the previous step's rows of `states` where they were active, `initial` after.
-at::Tensor rows_before(const at::Tensor& states, const at::Tensor& initial, const Step& s) {
-  const int64_t k = std::min(s.n, s.prev_n);
-  if (k == s.n) return states.narrow(0, s.prev_off, s.n);
-  if (k == 0) return initial.narrow(0, 0, s.n);
-  return at::cat({states.narrow(0, s.prev_off, k), initial.narrow(0, k, s.n - k)});
+// The n rows a step starts from: `prev` (the previous step's rows) where they were active, `initial` after.
+at::Tensor rows_before(const at::Tensor& prev, const at::Tensor& initial, int64_t n) {
+  const int64_t k = std::min(n, prev.size(0));
+  if (k == n) return prev.narrow(0, 0, n);
+  if (k == 0) return initial.narrow(0, 0, n);
+  return at::cat({prev.narrow(0, 0, k), initial.narrow(0, k, n - k)});
 }
 
 void cell_forward(at::Tensor& gates, const at::Tensor& c_prev, at::Tensor& c, at::Tensor& r) {
@@ -97,43 +97,56 @@ at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDoubl
 
 LstmForward lstm_layer_forward(const at::Tensor& gates_x, const at::Tensor& h0, const at::Tensor& c0,
                                const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
-                               const std::optional<at::Tensor>& batch_sizes, bool reverse) {
+                               const std::optional<at::Tensor>& batch_sizes, bool reverse, bool save) {
   const auto acc = acc_type(gates_x.scalar_type());
   const bool same = gates_x.scalar_type() == acc;
+  const bool proj_on = w_hr.has_value();
   const int64_t hidden = c0.size(1), proj = h0.size(1), batch = h0.size(0);
   const auto lead = gates_x.sizes().slice(0, gates_x.dim() - 1);
   const auto gx = gates_x.reshape({-1, 4 * hidden}).to(acc).contiguous();
   const int64_t rows = gx.size(0);
   const auto plan = make_schedule(batch_sizes, gates_x.size(0), batch, reverse, gates_x.device());
+  const auto acc_rows = [&](int64_t n, int64_t width) { return at::empty({n, width}, gx.options()); };
 
   auto out = at::empty({rows, proj}, gates_x.options());
-  auto gates = at::empty({rows, 4 * hidden}, gx.options());
-  auto cs = at::empty({rows, hidden}, gx.options());
-  auto rs = w_hr.has_value() ? at::empty({rows, hidden}, gx.options()) : at::empty({0}, gx.options());
+  // Saved: every step's rows. Not saved (no backward will run): one step's worth, the cell states alternating
+  // between two buffers, and each row's last c copied out when it ends.
+  auto gates = acc_rows(save ? rows : batch, 4 * hidden);
+  auto cs = acc_rows(save ? rows : 2 * batch, hidden);
+  auto rs = proj_on ? acc_rows(save ? rows : batch, hidden) : at::empty({0}, gx.options());
+  auto c_last = save ? at::Tensor() : acc_rows(batch, hidden);
+  // o * tanh(c) when it is neither kept in rs nor the output itself (a low-precision out).
+  auto r_scratch = (!proj_on && !same) ? acc_rows(batch, hidden) : at::Tensor();
   const auto w_hh_t = w_hh.to(acc).t();
-  const auto w_hr_t = w_hr.has_value() ? w_hr->to(acc).t() : at::Tensor();
+  const auto w_hr_t = proj_on ? w_hr->to(acc).t() : at::Tensor();
   const auto c0_acc = c0.to(acc).contiguous();
-  // o * tanh(c) of one step when it is neither saved (no projection) nor the output itself (a low-precision out).
-  auto r_scratch = (!w_hr.has_value() && !same) ? at::empty({batch, hidden}, gx.options()) : at::Tensor();
 
-  for (const Step& s : plan.steps) {
-    auto h_prev = rows_before(out, h0, s);
+  const int64_t steps = static_cast<int64_t>(plan.steps.size());
+  for (int64_t k = 0; k < steps; ++k) {
+    const Step& s = plan.steps[k];
+    const auto step_rows = [&](const at::Tensor& all, int64_t off, int64_t n) {
+      return save ? all.narrow(0, off, n) : all.narrow(0, 0, n);
+    };
+    const int64_t c_off = save ? s.off : (k % 2) * batch, c_prev_off = save ? s.prev_off : ((k + 1) % 2) * batch;
+    auto h_prev = rows_before(out.narrow(0, s.prev_off, s.prev_n), h0, s.n);
     if (!same) h_prev = h_prev.to(acc);
-    const auto c_prev = rows_before(cs, c0_acc, s).contiguous();
-    auto g = gates.narrow(0, s.off, s.n);
+    const auto c_prev = rows_before(cs.narrow(0, c_prev_off, s.prev_n), c0_acc, s.n).contiguous();
+    auto g = step_rows(gates, s.off, s.n);
     at::addmm_out(g, gx.narrow(0, s.off, s.n), h_prev, w_hh_t);
-    auto c = cs.narrow(0, s.off, s.n);
+    auto c = cs.narrow(0, c_off, s.n);
     auto y = out.narrow(0, s.off, s.n);
-    auto r = w_hr.has_value() ? rs.narrow(0, s.off, s.n) : (same ? y : r_scratch.narrow(0, 0, s.n));
+    auto r = proj_on ? step_rows(rs, s.off, s.n) : (same ? y : r_scratch.narrow(0, 0, s.n));
     cell_forward(g, c_prev, c, r);
-    if (w_hr.has_value()) {
-      if (same) {
-        at::mm_out(y, r, w_hr_t);
-      } else {
-        y.copy_(at::mm(r, w_hr_t));
-      }
+    if (proj_on && same) {
+      at::mm_out(y, r, w_hr_t);
+    } else if (proj_on) {
+      y.copy_(at::mm(r, w_hr_t));
     } else if (!same) {
       y.copy_(r);
+    }
+    if (!save) {  // rows that the next step does not continue end here
+      const int64_t continuing = std::min(s.n, k + 1 < steps ? plan.steps[k + 1].n : 0);
+      c_last.narrow(0, continuing, s.n - continuing).copy_(c.narrow(0, continuing, s.n - continuing));
     }
   }
   auto lead_shape = [&](int64_t width) {
@@ -142,9 +155,13 @@ LstmForward lstm_layer_forward(const at::Tensor& gates_x, const at::Tensor& h0, 
     return shape;
   };
   auto h_n = out.index_select(0, plan.last).to(h0.scalar_type());
-  auto c_n = cs.index_select(0, plan.last).to(c0.scalar_type());
+  auto c_n = (save ? cs.index_select(0, plan.last) : c_last).to(c0.scalar_type());
+  if (!save) {
+    const auto none = at::empty({0}, gx.options());
+    return {out.view(lead_shape(proj)), h_n, c_n, none, none, none};
+  }
   return {out.view(lead_shape(proj)), h_n, c_n, gates.view(lead_shape(4 * hidden)), cs.view(lead_shape(hidden)),
-          w_hr.has_value() ? rs.view(lead_shape(hidden)) : rs};
+          proj_on ? rs.view(lead_shape(hidden)) : rs};
 }
 
 LstmBackward lstm_layer_backward(const at::Tensor& d_out, const at::Tensor& d_hn, const at::Tensor& d_cn,
@@ -185,7 +202,7 @@ LstmBackward lstm_layer_backward(const at::Tensor& d_out, const at::Tensor& d_hn
       dr = dr_scratch.narrow(0, 0, s.n);
       at::mm_out(dr, dh, w_r);
     }
-    const auto c_prev = rows_before(c_all, c0_acc, s).contiguous();
+    const auto c_prev = rows_before(c_all.narrow(0, s.prev_off, s.prev_n), c0_acc, s.n).contiguous();
     auto dc_rows = dc.narrow(0, 0, s.n);
     auto dg = d_gates.narrow(0, s.off, s.n);
     cell_backward(g_all.narrow(0, s.off, s.n), c_all.narrow(0, s.off, s.n), c_prev, dr, dc_rows, dg);

@@ -14,10 +14,10 @@ namespace fastenc {
 using LstmForward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using LstmBackward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-// -> (out, h_n, c_n, gates, cs, rs)
+// -> (out, h_n, c_n, gates, cs, rs); with save false (no backward will run) the last three are empty.
 LstmForward lstm_layer_forward(const at::Tensor& gates_x, const at::Tensor& h0, const at::Tensor& c0,
                                const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
-                               const std::optional<at::Tensor>& batch_sizes, bool reverse);
+                               const std::optional<at::Tensor>& batch_sizes, bool reverse, bool save);
 
 // -> (d_gates_x, dh0, dc0, dw_hh, dw_hr)
 LstmBackward lstm_layer_backward(const at::Tensor& d_out, const at::Tensor& d_hn, const at::Tensor& d_cn,

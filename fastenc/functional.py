@@ -305,17 +305,21 @@ def lstm_layer(
             cast, (input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr))
     same = (input.dtype,)
     _check_like("weight_ih", weight_ih, input, (4 * hidden, input.shape[-1]), same)
+    _check_like("weight_hr", weight_hr, input, (proj, hidden), same)  # before weight_hh, whose shape uses proj
     _check_like("weight_hh", weight_hh, input, (4 * hidden, proj), same)
     _check_like("bias_ih", bias_ih, input, (4 * hidden,), same)
     _check_like("bias_hh", bias_hh, input, (4 * hidden,), same)
-    _check_like("weight_hr", weight_hr, input, (proj, hidden), same)
     _check_like("h0", h0, input, (batch, proj), same)
     _check_like("c0", c0, input, (batch, hidden), same)
     h0 = input.new_zeros(batch, proj) if h0 is None else h0
     c0 = input.new_zeros(batch, hidden) if c0 is None else c0
     bias = bias_ih if bias_hh is None else (bias_hh if bias_ih is None else bias_ih + bias_hh)
     gates_x = torch.nn.functional.linear(input, weight_ih, bias)
+    # What the backward needs is stored only when a backward can run.
+    save = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (gates_x, h0, c0, weight_hh, weight_hr))
     out, h_n, c_n, *_ = torch.ops.fastenc.lstm_layer(
-        gates_x, h0, c0, weight_hh, weight_hr, batch_sizes, bool(reverse), backends.select("lstm", input.device.type)
+        gates_x, h0, c0, weight_hh, weight_hr, batch_sizes, bool(reverse), save,
+        backends.select("lstm", input.device.type)
     )
     return out, h_n, c_n

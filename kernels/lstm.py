@@ -213,7 +213,8 @@ def _check_dtype(dtype: torch.dtype) -> None:
         raise TypeError("the triton lstm supports float16, bfloat16 and float32; use the reference for float64")
 
 
-def lstm_layer_forward(gates_x, h0, c0, w_hh, w_hr, batch_sizes, reverse):
+def lstm_layer_forward(gates_x, h0, c0, w_hh, w_hr, batch_sizes, reverse, save):
+    # save=False still stores every step (the op drops the saved tensors).
     _check_dtype(gates_x.dtype)
     hidden, proj, batch = c0.shape[1], h0.shape[1], h0.shape[0]
     lead = gates_x.shape[:-1]

@@ -187,7 +187,7 @@ def test_reference_backward_is_autograds(reverse, proj, packed):
     gates_x = rnd(9, 4 * HIDDEN) if packed else rnd(STEPS, BATCH, 4 * HIDDEN)
     inputs = [gates_x, rnd(BATCH, p), rnd(BATCH, HIDDEN), rnd(4 * HIDDEN, p) * 0.5, rnd(p, HIDDEN) if proj else None]
     leaves = [t if t is None else t.requires_grad_() for t in inputs]
-    outs = reference.lstm_layer_forward(*leaves, batch_sizes, reverse)
+    outs = reference.lstm_layer_forward(*leaves, batch_sizes, reverse, True)
     grads_out = [rnd(*t.shape) for t in outs[:3]]
     wanted = [t for t in leaves if t is not None]
     expected = torch.autograd.grad(outs[:3], wanted, grads_out)
@@ -199,17 +199,33 @@ def test_reference_backward_is_autograds(reverse, proj, packed):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("proj,packed,reverse", [(0, False, False), (3, True, True)])
-def test_opcheck(lstm_backend, proj, packed, reverse):
-    name, device = lstm_backend
-    g = torch.Generator().manual_seed(7)
+def _op_args(device, proj, packed, reverse, save, backend, seed=7):
+    g = torch.Generator().manual_seed(seed)
     rnd = lambda *shape: torch.randn(*shape, generator=g).to(device)  # noqa: E731
     p = proj or HIDDEN
     batch_sizes = torch.tensor([3, 2, 2]) if packed else None
     gates_x = rnd(7, 4 * HIDDEN) if packed else rnd(3, BATCH, 4 * HIDDEN)
-    args = (gates_x, rnd(BATCH, p), rnd(BATCH, HIDDEN), rnd(4 * HIDDEN, p), rnd(p, HIDDEN) if proj else None,
-            batch_sizes, reverse, name)
-    torch.library.opcheck(torch.ops.fastenc.lstm_layer.default, args)
+    return (gates_x, rnd(BATCH, p), rnd(BATCH, HIDDEN), rnd(4 * HIDDEN, p), rnd(p, HIDDEN) if proj else None,
+            batch_sizes, reverse, save, backend)
+
+
+@pytest.mark.parametrize("proj,packed,reverse,save", [(0, False, False, True), (3, True, True, True),
+                                                      (3, True, False, False)])
+def test_opcheck(lstm_backend, proj, packed, reverse, save):
+    name, device = lstm_backend
+    torch.library.opcheck(torch.ops.fastenc.lstm_layer.default, _op_args(device, proj, packed, reverse, save, name))
+
+
+@pytest.mark.parametrize("proj,packed,reverse", [(0, False, False), (3, True, False), (0, True, True)])
+def test_inference_saves_nothing_and_computes_the_same(lstm_backend, proj, packed, reverse):
+    """save=False (what functional passes when no gradient is wanted) returns the same outputs, bit for bit, and
+    no saved tensors; in a packed batch each row's c_n still comes from its own last step."""
+    name, device = lstm_backend
+    training = torch.ops.fastenc.lstm_layer(*_op_args(device, proj, packed, reverse, True, name))
+    inference = torch.ops.fastenc.lstm_layer(*_op_args(device, proj, packed, reverse, False, name))
+    for what, a, b in zip(("out", "h_n", "c_n"), training, inference):
+        assert torch.equal(a, b), what
+    assert all(t.numel() == 0 for t in inference[3:])
 
 
 def test_swap_classes_keeps_the_state():

@@ -5,7 +5,7 @@ autograd through that GEMM gives dx, dW_ih and the biases from d gates_x; the op
 Gate order i, f, g, o (torch's). P = proj_size if W_hr is given, else H.
 
 Contract every implementation follows (reference, kernels/lstm.py, fastenc._C from csrc/lstm.cpp):
-  lstm_layer_forward(gates_x, h0, c0, w_hh, w_hr, batch_sizes, reverse) -> (out, h_n, c_n, gates, cs, rs)
+  lstm_layer_forward(gates_x, h0, c0, w_hh, w_hr, batch_sizes, reverse, save) -> (out, h_n, c_n, gates, cs, rs)
       gates_x: (T, B, 4H) with batch_sizes None, or (N, 4H) packed as PackedSequence.data with batch_sizes (T,)
       int64 on the CPU (non-increasing, batch_sizes[0] = B, sum N): at step t only the first batch_sizes[t] rows
       are active, the others keep their state. Step t's rows are the flat rows offset_t .. offset_t + n_t either
@@ -17,6 +17,8 @@ Contract every implementation follows (reference, kernels/lstm.py, fastenc._C fr
       Saved for the backward, in float32 (float64 for float64 input): gates (leading x 4H, i f g o after their
       nonlinearities), cs (leading x H, every c_t), rs (leading x H, every o * tanh c_t; empty without w_hr).
       A step reads h_{t-1} from the stored out (in its dtype) and c_{t-1} from cs.
+      save=False (no backward will run: inference): gates, cs and rs are not wanted. An implementation may skip
+      storing them (the native one keeps one step's worth); the op returns them empty either way.
   lstm_layer_backward(d_out, d_hn, d_cn, h0, c0, w_hh, w_hr, batch_sizes, reverse, out, gates, cs, rs)
       -> (d_gates_x, dh0, dc0, dw_hh, dw_hr)
       d_gates_x like gates_x (out's dtype); dh0 / dc0 in h0's / c0's dtype; dw_hh (4H, P) and dw_hr (P, H, or
@@ -49,19 +51,22 @@ def _saved_dtype(dtype: torch.dtype) -> torch.dtype:
 @torch.library.custom_op("fastenc::lstm_layer", mutates_args=())
 def lstm_layer(
     gates_x: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, w_hr: Tensor | None, batch_sizes: Tensor | None,
-    reverse: bool, backend: str,
+    reverse: bool, save: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     impl = backends.implementation("lstm", backend)
-    return impl.lstm_layer_forward(gates_x, h0, c0, w_hh, w_hr, batch_sizes, reverse)
+    out, h_n, c_n, *saved = impl.lstm_layer_forward(gates_x, h0, c0, w_hh, w_hr, batch_sizes, reverse, save)
+    if not save:
+        saved = [t.new_empty(0) for t in saved]
+    return out, h_n, c_n, *saved
 
 
 @lstm_layer.register_fake
-def _(gates_x, h0, c0, w_hh, w_hr, batch_sizes, reverse, backend):
+def _(gates_x, h0, c0, w_hh, w_hr, batch_sizes, reverse, save, backend):
     lead, hidden = gates_x.shape[:-1], c0.shape[1]
     saved = _saved_dtype(gates_x.dtype)
-    rs = gates_x.new_empty((*lead, hidden) if w_hr is not None else (0,), dtype=saved)
+    shapes = (gates_x.shape, (*lead, hidden), (*lead, hidden) if w_hr is not None else (0,))
     return (gates_x.new_empty((*lead, h0.shape[1])), h0.new_empty(h0.shape), c0.new_empty(c0.shape),
-            gates_x.new_empty(gates_x.shape, dtype=saved), gates_x.new_empty((*lead, hidden), dtype=saved), rs)
+            *(gates_x.new_empty(shape if save else (0,), dtype=saved) for shape in shapes))
 
 
 @torch.library.custom_op("fastenc::lstm_layer_backward", mutates_args=())
@@ -81,13 +86,15 @@ def _(d_out, d_hn, d_cn, h0, c0, w_hh, w_hr, batch_sizes, reverse, out, gates, c
 
 
 def _setup_context(ctx, inputs, output):
-    _, h0, c0, w_hh, w_hr, batch_sizes, ctx.reverse, ctx.backend = inputs
+    _, h0, c0, w_hh, w_hr, batch_sizes, ctx.reverse, ctx.save, ctx.backend = inputs
     out, _, _, gates, cs, rs = output
     ctx.mark_non_differentiable(gates, cs, rs)
     ctx.save_for_backward(h0, c0, w_hh, w_hr, batch_sizes, out, gates, cs, rs)
 
 
 def _backward(ctx, d_out, d_hn, d_cn, *_saved_grads):
+    if not ctx.save:
+        raise RuntimeError("fastenc::lstm_layer ran with save=False, so it has no backward; pass save=True")
     h0, c0, w_hh, w_hr, batch_sizes, out, gates, cs, rs = ctx.saved_tensors
     d_out = torch.zeros_like(out) if d_out is None else d_out
     d_hn = torch.zeros_like(h0) if d_hn is None else d_hn
@@ -96,7 +103,7 @@ def _backward(ctx, d_out, d_hn, d_cn, *_saved_grads):
         d_out, d_hn, d_cn, h0, c0, w_hh, w_hr, batch_sizes, ctx.reverse, out, gates, cs, rs, ctx.backend
     )
     return (d_gates_x, dh0, dc0, dw_hh.to(w_hh.dtype), None if w_hr is None else dw_hr.to(w_hr.dtype),
-            None, None, None)
+            None, None, None, None)
 
 
 lstm_layer.register_autograd(_backward, setup_context=_setup_context)

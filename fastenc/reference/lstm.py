@@ -58,7 +58,8 @@ def _previous(states: Tensor, initial: Tensor, off_prev: int, n_prev: int, n: in
     return torch.cat([states[off_prev:off_prev + k], initial[k:n]])
 
 
-def lstm_layer_forward(gates_x, h0, c0, w_hh, w_hr, batch_sizes, reverse):
+def lstm_layer_forward(gates_x, h0, c0, w_hh, w_hr, batch_sizes, reverse, save):
+    # the saved tensors are computed anyway (save is for implementations that can skip them).
     acc = _acc_dtype(gates_x.dtype)
     hidden, proj = c0.shape[1], h0.shape[1]
     lead = gates_x.shape[:-1]
