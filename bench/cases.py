@@ -283,3 +283,178 @@ BIAS_ACTIVATION = register(OpBench(
     work=_bias_activation_work,
     x_axis=("N (feed-forward width)", lambda p: p["N"]),
 ))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# encoder: BERT-base layers (d 768, 12 heads of 64, ff 3072, exact GELU, post-norm, batch_first, dropout 0), one
+# layer (L=1) and a stack of 12, on fixed lengths or on lengths uniform in [min_len, S] given as a padding mask.
+# ---------------------------------------------------------------------------------------------------------------
+
+ENCODER_HEAD_DIM = 64  # BERT's: a case has d // 64 heads
+# One layer's parameters in torch's names. The inputs hold each stacked over the L layers, and every provider
+# runs a weightless skeleton of its module on views of them (torch.func.functional_call): the same weights for
+# all, so the error column compares like with like, and fwd+bwd differentiates every parameter, as training does.
+ENCODER_PARAMS = (
+    "self_attn.in_proj_weight", "self_attn.in_proj_bias", "self_attn.out_proj.weight", "self_attn.out_proj.bias",
+    "linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias",
+    "norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias",
+)
+# Where they sit in Hugging Face's BertLayer (in_proj's query / key / value thirds go to three Linear layers).
+BERT_NAMES = {"self_attn.out_proj": "attention.output.dense", "norm1": "attention.output.LayerNorm",
+              "linear1": "intermediate.dense", "linear2": "output.dense", "norm2": "output.LayerNorm"}
+# (kind, d, ff, L) -> skeleton on the meta device. make_inputs builds them, so a compiled function only looks up.
+_ENCODER_SKELETONS: dict[tuple, torch.nn.Module] = {}
+
+
+def _encoder_lengths(params: dict) -> Tensor | None:
+    """Lengths uniform in [min_len, S], or None (no mask) when min_len = S. Drawn from a generator of their own,
+    so that the work formula, which sees only params, counts the tokens the inputs hold."""
+    if params["min_len"] >= params["S"]:
+        return None
+    return torch.randint(params["min_len"], params["S"] + 1, (params["B"],),
+                         generator=torch.Generator().manual_seed(0))
+
+
+def _build_encoder_skeletons(d: int, ff: int, layers: int) -> None:
+    import fastenc
+
+    heads = d // ENCODER_HEAD_DIM
+    with torch.device("meta"):
+        layer = torch.nn.TransformerEncoderLayer(d, heads, ff, dropout=0.0, activation="gelu", batch_first=True)
+        # Dropout 0: eval mode computes what training mode does, and lets torch take its inference fast path
+        # (nested tensors for a padded batch) under no_grad, as a user's inference would.
+        skeletons = {"torch": torch.nn.TransformerEncoder(layer, layers).eval(),
+                     "fastenc": fastenc.nn.TransformerEncoder(layer, layers).eval()}
+        try:
+            from transformers import BertConfig, BertModel
+        except ImportError:  # the Hugging Face peer then reports itself as skipped
+            pass
+        else:  # torch's LayerNorm eps (BERT's own is 1e-12): every provider computes the same function
+            config = BertConfig(hidden_size=d, num_attention_heads=heads, intermediate_size=ff,
+                                num_hidden_layers=layers, hidden_act="gelu", layer_norm_eps=1e-5,
+                                hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, vocab_size=1,
+                                max_position_embeddings=1, type_vocab_size=1, attn_implementation="sdpa")
+            skeletons["bert"] = BertModel(config, add_pooling_layer=False).eval()
+    _ENCODER_SKELETONS.update({(kind, d, ff, layers): module for kind, module in skeletons.items()})
+
+
+def _encoder_inputs(params: dict, dtype: torch.dtype, device: torch.device, gen: torch.Generator) -> dict:
+    b, s, d, ff, layers = params["B"], params["S"], params["d"], params["ff"], params["L"]
+    if ("torch", d, ff, layers) not in _ENCODER_SKELETONS:
+        _build_encoder_skeletons(d, ff, layers)
+    inputs = {"x": _randn((b, s, d), dtype, device, gen)}
+    shapes = {"self_attn.in_proj_weight": (3 * d, d), "self_attn.in_proj_bias": (3 * d,),
+              "self_attn.out_proj.weight": (d, d), "linear1.weight": (ff, d), "linear1.bias": (ff,),
+              "linear2.weight": (d, ff)}
+    for name in ENCODER_PARAMS:
+        shape = shapes.get(name, (d,))
+        if len(shape) == 2:  # outputs of about unit variance for inputs of unit variance
+            inputs[name] = _randn((layers, *shape), dtype, device, gen, scale=shape[1] ** -0.5)
+        else:  # biases about 0, LayerNorm weights about 1
+            shift = 1.0 if name.startswith("norm") and name.endswith("weight") else 0.0
+            inputs[name] = _randn((layers, *shape), dtype, device, gen, scale=0.1, shift=shift)
+    lengths = _encoder_lengths(params)
+    if lengths is not None:  # int64; the float64 oracle gets a float64 copy, which holds these integers exactly
+        inputs["lengths"] = lengths.to(device)
+    return inputs
+
+
+def _encoder_padding(t: dict) -> Tensor | None:
+    if "lengths" not in t:
+        return None
+    return torch.arange(t["x"].shape[1], device=t["x"].device) >= t["lengths"][:, None]
+
+
+def _encoder_layers(t: dict) -> list[dict[str, Tensor]]:
+    """Each layer's parameters in torch's names: views of the stacked inputs (their backward is one copy)."""
+    slices = {name: t[name].unbind(0) for name in ENCODER_PARAMS}
+    return [{name: slices[name][i] for name in ENCODER_PARAMS} for i in range(t["linear1.weight"].shape[0])]
+
+
+def _encoder_skeleton(kind: str, t: dict) -> torch.nn.Module:
+    layers, ff, d = t["linear1.weight"].shape
+    return _ENCODER_SKELETONS[(kind, d, ff, layers)]
+
+
+def _zero_padding(out: Tensor, padding: Tensor | None) -> Tensor:
+    # fastenc leaves zeros at padded positions, torch and Hugging Face other values: zeroed for all, alike.
+    return out if padding is None else out.masked_fill(padding[..., None], 0.0)
+
+
+def _encoder_module(kind: str) -> Callable[[dict], Tensor]:
+    """torch.nn.TransformerEncoder ("torch") or fastenc.nn.TransformerEncoder ("fastenc") on the case's weights."""
+    def run(t: dict) -> Tensor:
+        padding = _encoder_padding(t)
+        weights = {f"layers.{i}.{name}": w for i, layer in enumerate(_encoder_layers(t)) for name, w in layer.items()}
+        out = torch.func.functional_call(_encoder_skeleton(kind, t), weights, (t["x"],),
+                                         {"src_key_padding_mask": padding})
+        return _zero_padding(out, padding)
+    return run
+
+
+def _encoder_bert_sdpa(t: dict) -> Tensor:
+    """Hugging Face's BertModel layers (attn_implementation="sdpa") on the case's weights, with the padding mask
+    made as BertModel makes it."""
+    from transformers.masking_utils import create_bidirectional_mask
+
+    model = _encoder_skeleton("bert", t)
+    weights = {}
+    for i, layer in enumerate(_encoder_layers(t)):
+        qkv = zip(layer["self_attn.in_proj_weight"].chunk(3), layer["self_attn.in_proj_bias"].chunk(3))
+        for part, (w, b) in zip(("query", "key", "value"), qkv):
+            weights[f"layer.{i}.attention.self.{part}.weight"] = w
+            weights[f"layer.{i}.attention.self.{part}.bias"] = b
+        for ours, theirs in BERT_NAMES.items():
+            for kind in ("weight", "bias"):
+                weights[f"layer.{i}.{theirs}.{kind}"] = layer[f"{ours}.{kind}"]
+    padding = _encoder_padding(t)
+    mask = None if padding is None else create_bidirectional_mask(config=model.config, inputs_embeds=t["x"],
+                                                                  attention_mask=~padding)
+    out = torch.func.functional_call(model.encoder, weights, (t["x"],), {"attention_mask": mask})
+    return _zero_padding(out.last_hidden_state, padding)
+
+
+def _encoder_tokens(params: dict) -> list[int]:
+    lengths = _encoder_lengths(params)
+    return [params["S"]] * params["B"] if lengths is None else lengths.tolist()
+
+
+def _encoder_work(params: dict, dtype: torch.dtype, mode: str) -> Work:
+    """FLOPs of the real tokens (padding is not useful work: a provider that computes it reaches a lower rate).
+
+    Per layer forward, with T = ΣLᵢ tokens and 2 FLOPs per multiply-add: the Q, K, V and output projections
+    4·2·T·d² = 8·T·d², the feed-forward pair 2·2·T·d·ff = 4·T·d·ff, and attention 4·d·ΣLᵢ² (QKᵀ and PV over all
+    heads). fwd+bwd adds the backward: twice the GEMMs, 2.5× the attention (BENCHMARKING.md). LayerNorm, bias,
+    GELU and softmax are not counted.
+    """
+    lengths = _encoder_tokens(params)
+    d, ff = params["d"], params["ff"]
+    tokens = sum(lengths)
+    gemms = 8 * tokens * d * d + 4 * tokens * d * ff
+    attention = 4 * d * sum(n * n for n in lengths)
+    per_layer = gemms + attention if mode == FWD else 3 * gemms + int(3.5 * attention)
+    return Work(flops=params["L"] * per_layer)
+
+
+ENCODER = register(OpBench(
+    name="encoder",
+    bound="compute",
+    modes=(FWD, FWD_BWD),
+    # cuda: BERT-base at batch 32, S 512, one layer and twelve, lengths fixed or uniform in [64, 512] (the issue's
+    # targets). cpu and quick: a narrower model, one layer on fixed lengths and two on lengths in [S/8, S] (every
+    # case compiles torch's module once: four cases keep a CPU run to about a minute).
+    shapes={
+        "cuda": [dict(B=32, S=512, d=768, ff=3072, L=layers, min_len=low) for layers in (1, 12) for low in (512, 64)],
+        "cpu": [dict(B=4, S=128, d=256, ff=1024, L=1, min_len=128),
+                dict(B=4, S=128, d=256, ff=1024, L=2, min_len=16)],
+        "quick": [dict(B=2, S=32, d=128, ff=256, L=1, min_len=32), dict(B=2, S=32, d=128, ff=256, L=2, min_len=4)],
+    },
+    dtypes={"cuda": (torch.bfloat16,), "cpu": (torch.float32,)},
+    make_inputs=_encoder_inputs,
+    grad_inputs=("x", *ENCODER_PARAMS),
+    fastenc_fn=_encoder_module("fastenc"),
+    torch_fn=_encoder_module("torch"),
+    work=_encoder_work,
+    x_axis=("real tokens × layers", lambda p: sum(_encoder_tokens(p)) * p["L"]),
+    extra_peers={"hf.bert.sdpa": _encoder_bert_sdpa},
+))

@@ -74,7 +74,10 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
         swap_classes(self)
 
     def forward(self, src: Tensor, src_mask: Tensor | None = None, src_key_padding_mask: Tensor | None = None,
-                is_causal: bool = False) -> Tensor:
+                is_causal: bool = False, *, cu_seqlens: Tensor | None = None, max_seqlen: int | None = None
+                ) -> Tensor:
+        if cu_seqlens is not None:  # packed tokens (T, E), as TransformerEncoder passes them: see forward_packed
+            return self.forward_packed(src, cu_seqlens, max_seqlen, is_causal)
         width = self.self_attn.embed_dim
         if src.dim() not in (2, 3) or src.shape[-1] != width:
             raise ValueError(f"src must be (S, E), (S, N, E) or (N, S, E) with E = d_model = {width}, "
@@ -116,6 +119,10 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
 
     @staticmethod
     def _norm(norm: torch.nn.LayerNorm, x: Tensor, residual: Tensor, return_residual: bool = False):
+        # torch adds `residual + x` with type promotion: under autocast a sublayer's low-precision output meets
+        # a float32 residual stream, and the sum (hence the norm) is float32.
+        dtype = torch.promote_types(x.dtype, residual.dtype)
+        x, residual = x.to(dtype), residual.to(dtype)
         return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps, residual=residual,
                             return_residual=return_residual)
 
@@ -143,8 +150,8 @@ class TransformerEncoder(torch.nn.TransformerEncoder):
             x = src if first.self_attn.batch_first else src.transpose(0, 1)
             _check_key_padding_mask(src_key_padding_mask, x.shape[0], seq_len)
             tokens, index, cu_seqlens, max_seqlen = pack(x, src_key_padding_mask)
-            for layer in self.layers:
-                tokens = layer.forward_packed(tokens, cu_seqlens, max_seqlen, is_causal)
+            for layer in self.layers:  # through __call__: hooks and wrappers (checkpointing, FSDP) see every layer
+                tokens = layer(tokens, is_causal=is_causal, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
             if self.norm is not None:
                 tokens = self.norm(tokens)
             out = unpack(tokens, index, x.shape[0], seq_len)
