@@ -458,3 +458,63 @@ ENCODER = register(OpBench(
     x_axis=("real tokens × layers", lambda p: sum(_encoder_tokens(p)) * p["L"]),
     extra_peers={"hf.bert.sdpa": _encoder_bert_sdpa},
 ))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# lstm: one LSTM layer (input size = hidden size, biases, no projection), (T, B, H) input, output and gradients of
+# the input and both weight matrices. The peer is torch's own LSTM (cuDNN on a GPU, oneDNN on a CPU).
+# ---------------------------------------------------------------------------------------------------------------
+
+def _lstm_inputs(params: dict, dtype: torch.dtype, device: torch.device, gen: torch.Generator) -> dict:
+    t, b, h = params["T"], params["B"], params["H"]
+    scale = h ** -0.5  # torch's init range, so the gates neither saturate nor vanish
+    return {
+        "x": _randn((t, b, h), dtype, device, gen),
+        "h0": _randn((b, h), dtype, device, gen),
+        "c0": _randn((b, h), dtype, device, gen),
+        "w_ih": _randn((4 * h, h), dtype, device, gen, scale=scale),
+        "w_hh": _randn((4 * h, h), dtype, device, gen, scale=scale),
+        "b_ih": _randn((4 * h,), dtype, device, gen, scale=scale),
+        "b_hh": _randn((4 * h,), dtype, device, gen, scale=scale),
+    }
+
+
+def _lstm_fastenc(t: dict) -> Tensor:
+    import fastenc
+
+    return fastenc.functional.lstm_layer(t["x"], t["h0"], t["c0"], t["w_ih"], t["w_hh"], t["b_ih"], t["b_hh"])[0]
+
+
+def _lstm_torch(t: dict) -> Tensor:
+    """What torch.nn.LSTM.forward runs for one layer: _VF.lstm(input, hx, params, has_biases, num_layers, dropout,
+    train, bidirectional, batch_first)."""
+    hx = (t["h0"].unsqueeze(0), t["c0"].unsqueeze(0))
+    weights = [t["w_ih"], t["w_hh"], t["b_ih"], t["b_hh"]]
+    return torch._VF.lstm(t["x"], hx, weights, True, 1, 0.0, torch.is_grad_enabled(), False, False)[0]
+
+
+def _lstm_work(params: dict, dtype: torch.dtype, mode: str) -> Work:
+    """2·T·B·4H·(I + H) FLOPs forward (input projection + recurrent product; the cell is noise); the backward is
+    twice the forward (input and weight gradients of both products)."""
+    forward = 2 * params["T"] * params["B"] * 4 * params["H"] * 2 * params["H"]
+    return Work(flops=forward if mode == FWD else 3 * forward)
+
+
+LSTM = register(OpBench(
+    name="lstm",
+    bound="compute",
+    modes=(FWD, FWD_BWD),
+    shapes={
+        "cuda": [{"T": t, "B": b, "H": h} for t in (128, 512) for h in (128, 256, 512, 1024) for b in (1, 16, 64, 256)],
+        # The CPU target shape (hidden 256, batch 32, T 128) and one size either side.
+        "cpu": [{"T": 128, "B": 32, "H": h} for h in (128, 256, 512)],
+        "quick": [{"T": 8, "B": 3, "H": 16}],
+    },
+    dtypes={"cuda": (torch.bfloat16,), "cpu": (torch.float32,)},
+    make_inputs=_lstm_inputs,
+    grad_inputs=("x", "w_ih", "w_hh"),
+    fastenc_fn=_lstm_fastenc,
+    torch_fn=_lstm_torch,
+    work=_lstm_work,
+    x_axis=("H (hidden size)", lambda p: p["H"]),
+))

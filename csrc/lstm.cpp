@@ -144,8 +144,8 @@ LstmForward lstm_layer_forward(const at::Tensor& gates_x, const at::Tensor& h0, 
     } else if (!same) {
       y.copy_(r);
     }
-    if (!save) {  // rows that the next step does not continue end here
-      const int64_t continuing = std::min(s.n, k + 1 < steps ? plan.steps[k + 1].n : 0);
+    const int64_t continuing = std::min(s.n, k + 1 < steps ? plan.steps[k + 1].n : 0);
+    if (!save && continuing < s.n) {  // rows that the next step does not continue end here
       c_last.narrow(0, continuing, s.n - continuing).copy_(c.narrow(0, continuing, s.n - continuing));
     }
   }
