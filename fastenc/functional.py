@@ -185,15 +185,22 @@ def attention(
     return out
 
 
-def _check_cu_seqlens(name: str, cu: Tensor, tokens: int, device: torch.device) -> Tensor:
+def _check_cu_seqlens(name: str, cu: Tensor, tokens: int, device: torch.device, max_name: str,
+                      max_seqlen: int | None) -> tuple[Tensor, int]:
+    """cu as int32 and the launch's sequence length: max_seqlen, or the longest sequence when it is None."""
     if not isinstance(cu, Tensor) or cu.dim() != 1 or cu.numel() < 2 or cu.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"{name} must be a 1-D int32 tensor of B + 1 cumulative lengths starting at 0")
     if cu.device != device:
         raise ValueError(f"{name} is on {cu.device} but q is on {device}")
-    if cu.device.type == "cpu":  # on a GPU this check would cost a synchronisation per call
-        if int(cu[0]) != 0 or int(cu[-1]) != tokens or bool((cu[1:] < cu[:-1]).any()):
+    if cu.device.type == "cpu":  # on a GPU these checks would cost a synchronisation per call
+        lengths = cu.diff()
+        if int(cu[0]) != 0 or int(cu[-1]) != tokens or bool((lengths < 0).any()):
             raise ValueError(f"{name} must rise from 0 to the number of tokens ({tokens}), got {cu.tolist()}")
-    return cu.to(torch.int32)
+        # A smaller max_seqlen would leave the tokens past it uncomputed.
+        if max_seqlen is not None and max_seqlen < int(lengths.max()):
+            raise ValueError(f"{max_name} ({max_seqlen}) is less than the longest sequence in {name} "
+                             f"({int(lengths.max())})")
+    return cu.to(torch.int32), int(cu.diff().max()) if max_seqlen is None else int(max_seqlen)
 
 
 def attention_varlen(
@@ -215,19 +222,17 @@ def attention_varlen(
     the launch); None computes them from cu_seqlens (a synchronisation on a GPU).
     """
     _check_qkv(q, k, v, 3, "(T, H, D)")
-    cu_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
-    cu_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
+    cu_q, max_seqlen_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device, "max_seqlen_q",
+                                           max_seqlen_q)
+    cu_k, max_seqlen_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device, "max_seqlen_k",
+                                           max_seqlen_k)
     if cu_q.numel() != cu_k.numel():
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe as many sequences, got "
                          f"{cu_q.numel() - 1} and {cu_k.numel() - 1}")
-    if max_seqlen_q is None:
-        max_seqlen_q = int((cu_q[1:] - cu_q[:-1]).max())
-    if max_seqlen_k is None:
-        max_seqlen_k = int((cu_k[1:] - cu_k[:-1]).max())
     q, k, v = _autocast_qkv(q, k, v)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     out, _ = torch.ops.fastenc.attention(
-        q, k, v, None, None, cu_q, cu_k, int(max_seqlen_q), int(max_seqlen_k), bool(is_causal), scale,
+        q, k, v, None, None, cu_q, cu_k, max_seqlen_q, max_seqlen_k, bool(is_causal), scale,
         float(dropout_p), _dropout_seed(dropout_p), backends.select("attention", q.device.type),
     )
     return out
@@ -295,6 +300,8 @@ def lstm_layer(
                          f"got shape {tuple(input.shape)}")
     if not isinstance(weight_ih, Tensor) or weight_ih.dim() != 2 or weight_ih.shape[0] % 4:
         raise ValueError("weight_ih must be a (4 * hidden_size, input_size) Tensor")
+    if not isinstance(weight_hh, Tensor):
+        raise TypeError(f"weight_hh must be a Tensor, got {type(weight_hh).__name__}")
     hidden = weight_ih.shape[0] // 4
     proj = hidden if weight_hr is None else (weight_hr.shape[0] if isinstance(weight_hr, Tensor) else -1)
     batch = _check_batch_sizes(batch_sizes, input.shape[0]) if packed else input.shape[1]

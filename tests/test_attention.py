@@ -225,48 +225,6 @@ def test_autocast_runs_in_the_autocast_dtype():
     assert out.dtype == torch.bfloat16
 
 
-def _base():
-    return dict(q=torch.randn(2, 3, 5, 8), k=torch.randn(2, 3, 7, 8), v=torch.randn(2, 3, 7, 8))
-
-
-@pytest.mark.parametrize(
-    "change,error,match",
-    [
-        (dict(q=torch.randn(2, 3, 5)), ValueError, "q must be 4-D"),
-        (dict(k=torch.randn(2, 3, 7, 8, dtype=torch.float64)), ValueError, "k is torch.float64"),
-        (dict(v=torch.randn(2, 3, 6, 8)), ValueError, "k and v must have the same shape"),
-        (dict(k=torch.randn(2, 4, 7, 8), v=torch.randn(2, 4, 7, 8)), ValueError, "heads and head dim"),
-        (dict(attn_mask=torch.ones(5, 6, dtype=torch.bool)), ValueError, "attn_mask of shape"),
-        (dict(attn_mask=torch.ones(5, 7, dtype=torch.int32)), TypeError, "attn_mask must be"),
-        (dict(attn_mask=torch.zeros(5, 7, requires_grad=True)), NotImplementedError, "attn_mask requires grad"),
-        (dict(key_padding_mask=torch.zeros(2, 7)), TypeError, "key_padding_mask must be a bool"),
-        (dict(key_padding_mask=torch.zeros(2, 5, dtype=torch.bool)), ValueError, "key_padding_mask must have"),
-        (dict(dropout_p=1.0), ValueError, "dropout_p"),
-    ],
-)
-def test_bad_input_names_the_argument(change, error, match):
-    args = _base()
-    args.update(change)
-    q, k, v = args.pop("q"), args.pop("k"), args.pop("v")
-    with pytest.raises(error, match=match):
-        F.attention(q, k, v, **args)
-
-
-@pytest.mark.parametrize(
-    "cu,match",
-    [
-        (torch.tensor([0, 3, 9], dtype=torch.int32), "cu_seqlens_q must rise from 0 to the number of tokens"),
-        (torch.tensor([[0, 3, 8]], dtype=torch.int32), "cu_seqlens_q must be a 1-D int32"),
-        (torch.tensor([0.0, 3.0, 8.0]), "cu_seqlens_q must be a 1-D int32"),
-    ],
-)
-def test_varlen_bad_cu_seqlens(cu, match):
-    q = torch.randn(8, 2, 16)
-    good = torch.tensor([0, 3, 8], dtype=torch.int32)
-    with pytest.raises(ValueError, match=match):
-        F.attention_varlen(q, q, q, cu, good)
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="large shapes run on a GPU")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

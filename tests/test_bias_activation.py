@@ -106,19 +106,3 @@ def test_opcheck(op_backend):
     x, b = _inputs((5, 40), torch.float32, device)
     for args in [(x, b, "gelu", 0.0, None), (x, None, "relu", 0.0, None), (x, b, "gelu_tanh", 0.2, torch.tensor(3))]:
         torch.library.opcheck(torch.ops.fastenc.bias_activation.default, (*args, name))
-
-
-@pytest.mark.parametrize(
-    "kwargs,error,match",
-    [
-        (dict(activation="swish"), ValueError, "activation must be one of"),
-        (dict(bias=torch.ones(5)), ValueError, "bias must have shape"),
-        (dict(bias=torch.ones(4, dtype=torch.float64)), TypeError, "bias has dtype"),
-        (dict(dropout_p=-0.1), ValueError, "dropout_p"),
-    ],
-)
-def test_bad_input_names_the_argument(kwargs, error, match):
-    args = dict(input=torch.randn(3, 4), bias=None)
-    args.update(kwargs)
-    with pytest.raises(error, match=match):
-        F.bias_activation(**args)

@@ -123,10 +123,3 @@ def test_dropout_only_in_training():
     torch.manual_seed(3)
     assert torch.equal(first, ours(*x, need_weights=False)[0])
     assert not torch.allclose(first, ours.eval()(*x, need_weights=False)[0])
-
-
-def test_wrong_feature_width_names_the_argument():
-    ours, _ = _pair("cpu", batch_first=True)
-    x = torch.randn(N, L, E + 1)
-    with pytest.raises(ValueError, match="query must be"):
-        ours(x, x, x, need_weights=False)

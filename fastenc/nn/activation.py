@@ -9,6 +9,30 @@ from torch import Tensor
 from fastenc import functional as F
 
 
+def check_dtype(name: str, t: Tensor, weight: Tensor) -> None:
+    """Outside autocast, `t` must have the dtype of the module's parameters (else torch's linear fails, unnamed)."""
+    if t.dtype != weight.dtype and not torch.is_autocast_enabled(t.device.type):
+        raise RuntimeError(f"{name} has dtype {t.dtype} but the module's parameters are {weight.dtype}")
+
+
+def check_masks(attn_mask: Tensor | None, key_padding_mask: Tensor | None, batch: int | None, heads: int, l_q: int,
+                s_k: int, attn_name: str = "attn_mask", padding_name: str = "key_padding_mask") -> None:
+    """torch's rules for MultiheadAttention's masks (batch None: unbatched), with errors naming the argument.
+    A wrong attn_mask shape raises RuntimeError, as torch does; torch asserts the rest, fastenc raises."""
+    for name, mask in ((attn_name, attn_mask), (padding_name, key_padding_mask)):
+        if mask is not None and mask.dtype != torch.bool and not mask.is_floating_point():
+            raise TypeError(f"{name} must be bool or float, got {mask.dtype}")
+    if attn_mask is not None:
+        shapes = (l_q, s_k), ((batch or 1) * heads, l_q, s_k)
+        if tuple(attn_mask.shape) not in shapes:
+            raise RuntimeError(f"{attn_name} must have shape (L, S) = {shapes[0]} or (N * num_heads, L, S) = "
+                               f"{shapes[1]}, got {tuple(attn_mask.shape)}")
+    if key_padding_mask is not None:
+        shape, axes = ((s_k,), "(S,)") if batch is None else ((batch, s_k), "(N, S)")
+        if tuple(key_padding_mask.shape) != shape:
+            raise ValueError(f"{padding_name} must have shape {axes} = {shape}, got {tuple(key_padding_mask.shape)}")
+
+
 class MultiheadAttention(torch.nn.MultiheadAttention):
     """Drop-in for `torch.nn.MultiheadAttention` (same constructor, parameters, state_dict and forward).
 
@@ -34,6 +58,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                                    average_attn_weights, is_causal)
         if is_causal and attn_mask is None:
             raise RuntimeError("is_causal=True is a hint that attn_mask is the causal mask: pass attn_mask too")
+        self._check(query, key, value, key_padding_mask, attn_mask)
         same_input = query is key and key is value  # self-attention: one projection GEMM
         unbatched = query.dim() == 2
         if unbatched:  # (L, E) -> (1, L, E)
@@ -46,13 +71,20 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             return out.squeeze(0), None
         return (out if self.batch_first else out.transpose(0, 1)), None
 
-    def _check(self, query: Tensor, key: Tensor, value: Tensor) -> None:
+    def _check(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None,
+               attn_mask: Tensor | None) -> None:
+        rank = query.dim()
         for name, t, width in (("query", query, self.embed_dim), ("key", key, self.kdim), ("value", value, self.vdim)):
-            if t.dim() != 3 or t.shape[-1] != width:
+            if t.dim() not in (2, 3) or t.dim() != rank or t.shape[-1] != width:
                 raise ValueError(f"{name} must be (L, N, {width}) or (N, L, {width}) with batch_first, or "
                                  f"({'L' if name == 'query' else 'S'}, {width}) unbatched; got {tuple(t.shape)}")
-        if key.shape[:2] != value.shape[:2] or key.shape[0] != query.shape[0]:
-            raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} must match query's batch")
+            check_dtype(name, t, self.out_proj.weight)
+        seq = 1 if self.batch_first and rank == 3 else 0
+        batch = query.shape[1 - seq] if rank == 3 else None
+        if key.shape[:-1] != value.shape[:-1] or (batch is not None and key.shape[1 - seq] != batch):
+            raise ValueError(f"key and value must have the same length and query's batch size: got query "
+                             f"{tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}")
+        check_masks(attn_mask, key_padding_mask, batch, self.num_heads, query.shape[seq], key.shape[seq])
 
     def _project(self, query: Tensor, key: Tensor, value: Tensor, same_input: bool) -> tuple[Tensor, Tensor, Tensor]:
         e = self.embed_dim
@@ -68,7 +100,6 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
 
     def _fused(self, query, key, value, same_input, key_padding_mask, attn_mask, is_causal) -> Tensor:
         """query (N, L, E), key / value (N, S, kdim / vdim) -> (N, L, E)."""
-        self._check(query, key, value)
         n, l_q, e = query.shape
         h = self.num_heads
         q, k, v = self._project(query, key, value, same_input)

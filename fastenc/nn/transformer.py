@@ -19,15 +19,7 @@ from torch import Tensor
 
 from fastenc import functional as F
 from fastenc.nn._swap import swap_classes
-
-
-def _check_key_padding_mask(mask: Tensor | None, batch: int, seq_len: int) -> None:
-    if mask is None:
-        return
-    if mask.dtype != torch.bool and not mask.is_floating_point():
-        raise TypeError(f"src_key_padding_mask must be bool (True = padding) or float, got {mask.dtype}")
-    if tuple(mask.shape) != (batch, seq_len):
-        raise ValueError(f"src_key_padding_mask must have shape (N, S) = {(batch, seq_len)}, got {tuple(mask.shape)}")
+from fastenc.nn.activation import check_dtype, check_masks
 
 
 def pack(x: Tensor, padding: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
@@ -78,24 +70,32 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
                 ) -> Tensor:
         if cu_seqlens is not None:  # packed tokens (T, E), as TransformerEncoder passes them: see forward_packed
             return self.forward_packed(src, cu_seqlens, max_seqlen, is_causal)
-        width = self.self_attn.embed_dim
-        if src.dim() not in (2, 3) or src.shape[-1] != width:
-            raise ValueError(f"src must be (S, E), (S, N, E) or (N, S, E) with E = d_model = {width}, "
-                             f"got {tuple(src.shape)}")
-        if src.dim() == 3:
-            batch, seq_len = (src.shape[0], src.shape[1]) if self.self_attn.batch_first else (src.shape[1], src.shape[0])
-            _check_key_padding_mask(src_key_padding_mask, batch, seq_len)
-            if _packable(src_mask, src_key_padding_mask, is_causal):
-                x = src if self.self_attn.batch_first else src.transpose(0, 1)
-                tokens, index, cu_seqlens, max_seqlen = pack(x, src_key_padding_mask)
-                out = unpack(self.forward_packed(tokens, cu_seqlens, max_seqlen, is_causal), index, batch, seq_len)
-                return out if self.self_attn.batch_first else out.transpose(0, 1)
+        batch, seq_len = self._check(src, src_mask, src_key_padding_mask)
+        if batch is not None and _packable(src_mask, src_key_padding_mask, is_causal):
+            x = src if self.self_attn.batch_first else src.transpose(0, 1)
+            tokens, index, cu_seqlens, max_seqlen = pack(x, src_key_padding_mask)
+            out = unpack(self.forward_packed(tokens, cu_seqlens, max_seqlen, is_causal), index, batch, seq_len)
+            return out if self.self_attn.batch_first else out.transpose(0, 1)
 
         def attend(h: Tensor) -> Tensor:
             return self.self_attn(h, h, h, attn_mask=src_mask, key_padding_mask=src_key_padding_mask,
                                   need_weights=False, is_causal=is_causal)[0]
 
         return self._block(src, attend)
+
+    def _check(self, src: Tensor, mask: Tensor | None, padding: Tensor | None,
+               mask_name: str = "src_mask") -> tuple[int | None, int]:
+        """(batch size, None when unbatched; sequence length) of src, after checking src and the masks."""
+        width = self.self_attn.embed_dim
+        if src.dim() not in (2, 3) or src.shape[-1] != width:
+            raise ValueError(f"src must be (S, E), (S, N, E) or (N, S, E) with E = d_model = {width}, "
+                             f"got {tuple(src.shape)}")
+        check_dtype("src", src, self.linear1.weight)
+        seq = 1 if self.self_attn.batch_first and src.dim() == 3 else 0
+        batch = src.shape[1 - seq] if src.dim() == 3 else None
+        check_masks(mask, padding, batch, self.self_attn.num_heads, src.shape[seq], src.shape[seq], mask_name,
+                    "src_key_padding_mask")
+        return batch, src.shape[seq]
 
     def forward_packed(self, tokens: Tensor, cu_seqlens: Tensor, max_seqlen: int, is_causal: bool = False) -> Tensor:
         """The layer on packed tokens (T, E) (see fastenc.nn.transformer.pack)."""
@@ -143,18 +143,16 @@ class TransformerEncoder(torch.nn.TransformerEncoder):
     def forward(self, src: Tensor, mask: Tensor | None = None, src_key_padding_mask: Tensor | None = None,
                 is_causal: bool | None = None) -> Tensor:
         first = self.layers[0]
-        batched = src.dim() == 3
-        seq_len = src.shape[1 if first.self_attn.batch_first and batched else 0]
+        batch, seq_len = first._check(src, mask, src_key_padding_mask, mask_name="mask")
         is_causal = torch.nn.modules.transformer._detect_is_causal_mask(mask, is_causal, seq_len)
-        if batched and _packable(mask, src_key_padding_mask, is_causal):
+        if batch is not None and _packable(mask, src_key_padding_mask, is_causal):
             x = src if first.self_attn.batch_first else src.transpose(0, 1)
-            _check_key_padding_mask(src_key_padding_mask, x.shape[0], seq_len)
             tokens, index, cu_seqlens, max_seqlen = pack(x, src_key_padding_mask)
             for layer in self.layers:  # through __call__: hooks and wrappers (checkpointing, FSDP) see every layer
                 tokens = layer(tokens, is_causal=is_causal, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
             if self.norm is not None:
                 tokens = self.norm(tokens)
-            out = unpack(tokens, index, x.shape[0], seq_len)
+            out = unpack(tokens, index, batch, seq_len)
             return out if first.self_attn.batch_first else out.transpose(0, 1)
         x = src
         for layer in self.layers:
