@@ -1,6 +1,6 @@
 // The LSTM sequence driver, the same code for CPU and CUDA tensors: the whole time loop in C++ (no Python per
-// step), per step one GEMM (h_{t-1} W_hh^T added onto the precomputed input gates, written straight into the saved
-// gates) and one fused pointwise cell; the weight gradients are one GEMM each over all steps after the loop.
+// step), per step one GEMM (h_{t-1} W_hh^T) and one fused pointwise cell (adds the precomputed input gates,
+// activates, writes the saved gates, updates c and h); the weight gradients are one GEMM each over all steps after the loop.
 //
 // Rows: gates_x is (T, B, 4H), or (N, 4H) packed with batch_sizes; either way N flat rows, step t owning rows
 // off_t .. off_t + n_t. A step reads h_{t-1} from the rows of the step processed before it (out) and c_{t-1} from
@@ -8,6 +8,8 @@
 // from h0 / c0. Math in float32 (float64 for float64 input); h is stored in the input dtype, as the next step's
 // GEMM reads it.
 #include "lstm.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <algorithm>
 #include <vector>
@@ -72,13 +74,14 @@ at::Tensor rows_before(const at::Tensor& prev, const at::Tensor& initial, int64_
   return at::cat({prev.narrow(0, 0, k), initial.narrow(0, k, n - k)});
 }
 
-void cell_forward(at::Tensor& gates, const at::Tensor& c_prev, at::Tensor& c, at::Tensor& r) {
-  if (gates.is_cuda()) {
+void cell_forward(const at::Tensor& hw, const at::Tensor& gates_x, const at::Tensor& c_prev, at::Tensor& gates,
+                  at::Tensor& c, at::Tensor& r) {
+  if (hw.is_cuda()) {
 #ifdef FASTENC_WITH_CUDA
-    return lstm_cell_forward_cuda(gates, c_prev, c, r);
+    return lstm_cell_forward_cuda(hw, gates_x, c_prev, gates, c, r);
 #endif
   }
-  lstm_cell_forward_cpu(gates, c_prev, c, r);
+  lstm_cell_forward_cpu(hw, gates_x, c_prev, gates, c, r);
 }
 
 void cell_backward(const at::Tensor& gates, const at::Tensor& c, const at::Tensor& c_prev, const at::Tensor& dr,
@@ -90,6 +93,47 @@ void cell_backward(const at::Tensor& gates, const at::Tensor& c, const at::Tenso
   }
   lstm_cell_backward_cpu(gates, c, c_prev, dr, dc, d_gates);
 }
+
+// h_{t-1} W_hh^T of one step. On CPU in float32 it goes through oneDNN, with W_hh packed once per sequence, via
+// the mkldnn ops libtorch registers for its own compiler: at these shapes (M = batch) that was ~1.4x the at::mm
+// (MKL) rate on the AMD EPYC we measured. Elsewhere, or where torch lacks those ops, at::mm into a scratch buffer.
+class RecurrentProduct {
+ public:
+  RecurrentProduct(const at::Tensor& w_hh, int64_t batch) : w_hh_t_(w_hh.t()) {
+    static const auto ops = find_onednn_ops();
+    if (w_hh.is_cpu() && w_hh.scalar_type() == at::kFloat && ops.has_value()) {
+      linear_ = ops->second;
+      packed_ = ops->first.typed<at::Tensor(const at::Tensor&, std::optional<int64_t>)>().call(w_hh, batch);
+    } else {
+      scratch_ = at::empty({batch, w_hh.size(0)}, w_hh.options());
+    }
+  }
+
+  at::Tensor operator()(const at::Tensor& h_prev) {
+    if (!linear_.has_value()) {
+      auto out = scratch_.narrow(0, 0, h_prev.size(0));
+      at::mm_out(out, h_prev, w_hh_t_);
+      return out;
+    }
+    torch::jit::Stack stack{h_prev.contiguous(), packed_, c10::IValue(), c10::IValue("none"),
+                            c10::List<std::optional<at::Scalar>>(), c10::IValue()};
+    linear_->callBoxed(stack);
+    return stack[0].toTensor();
+  }
+
+ private:
+  using Ops = std::pair<c10::OperatorHandle, c10::OperatorHandle>;  // (reorder weight, linear)
+  static std::optional<Ops> find_onednn_ops() {
+    auto& dispatcher = c10::Dispatcher::singleton();
+    auto reorder = dispatcher.findSchema({"mkldnn::_reorder_linear_weight", ""});
+    auto linear = dispatcher.findSchema({"mkldnn::_linear_pointwise", ""});
+    if (!reorder.has_value() || !linear.has_value()) return std::nullopt;
+    return Ops{*reorder, *linear};
+  }
+
+  at::Tensor w_hh_t_, packed_, scratch_;
+  std::optional<c10::OperatorHandle> linear_;
+};
 
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
@@ -117,7 +161,7 @@ LstmForward lstm_layer_forward(const at::Tensor& gates_x, const at::Tensor& h0, 
   auto c_last = save ? at::Tensor() : acc_rows(batch, hidden);
   // o * tanh(c) when it is neither kept in rs nor the output itself (a low-precision out).
   auto r_scratch = (!proj_on && !same) ? acc_rows(batch, hidden) : at::Tensor();
-  const auto w_hh_t = w_hh.to(acc).t();
+  RecurrentProduct recurrent(w_hh.to(acc), batch);
   const auto w_hr_t = proj_on ? w_hr->to(acc).t() : at::Tensor();
   const auto c0_acc = c0.to(acc).contiguous();
 
@@ -132,11 +176,10 @@ LstmForward lstm_layer_forward(const at::Tensor& gates_x, const at::Tensor& h0, 
     if (!same) h_prev = h_prev.to(acc);
     const auto c_prev = rows_before(cs.narrow(0, c_prev_off, s.prev_n), c0_acc, s.n).contiguous();
     auto g = step_rows(gates, s.off, s.n);
-    at::addmm_out(g, gx.narrow(0, s.off, s.n), h_prev, w_hh_t);
     auto c = cs.narrow(0, c_off, s.n);
     auto y = out.narrow(0, s.off, s.n);
     auto r = proj_on ? step_rows(rs, s.off, s.n) : (same ? y : r_scratch.narrow(0, 0, s.n));
-    cell_forward(g, c_prev, c, r);
+    cell_forward(recurrent(h_prev), gx.narrow(0, s.off, s.n), c_prev, g, c, r);
     if (proj_on && same) {
       at::mm_out(y, r, w_hr_t);
     } else if (proj_on) {

@@ -27,15 +27,17 @@ LstmBackward lstm_layer_backward(const at::Tensor& d_out, const at::Tensor& d_hn
                                  const at::Tensor& rs);
 
 // The cells work on n contiguous rows of float32 / float64 tensors (H = hidden size).
-// forward: `gates` (n, 4H) holds the preactivations i f g o on entry and their nonlinearities on return;
-//          c = f * c_prev + i * g and r = o * tanh(c), both (n, H).
+// forward: from hw = h_{t-1} W_hh^T and the step's rows of gates_x (both (n, 4H)) writes `gates`, the
+//          nonlinearities of i f g o, and c = f * c_prev + i * g and r = o * tanh(c), both (n, H).
 // backward: from the step's gates, c, c_prev, dr = dL/dr (n, H) and dc (n, H) = dL/dc_t from the later steps,
 //           writes d_gates (n, 4H) (gradients of the preactivations) and replaces dc by dL/dc_{t-1}.
-void lstm_cell_forward_cpu(at::Tensor& gates, const at::Tensor& c_prev, at::Tensor& c, at::Tensor& r);
+void lstm_cell_forward_cpu(const at::Tensor& hw, const at::Tensor& gates_x, const at::Tensor& c_prev,
+                           at::Tensor& gates, at::Tensor& c, at::Tensor& r);
 void lstm_cell_backward_cpu(const at::Tensor& gates, const at::Tensor& c, const at::Tensor& c_prev,
                             const at::Tensor& dr, at::Tensor& dc, at::Tensor& d_gates);
 #ifdef FASTENC_WITH_CUDA
-void lstm_cell_forward_cuda(at::Tensor& gates, const at::Tensor& c_prev, at::Tensor& c, at::Tensor& r);
+void lstm_cell_forward_cuda(const at::Tensor& hw, const at::Tensor& gates_x, const at::Tensor& c_prev,
+                            at::Tensor& gates, at::Tensor& c, at::Tensor& r);
 void lstm_cell_backward_cuda(const at::Tensor& gates, const at::Tensor& c, const at::Tensor& c_prev,
                              const at::Tensor& dr, at::Tensor& dc, at::Tensor& d_gates);
 #endif

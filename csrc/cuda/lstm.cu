@@ -23,13 +23,18 @@ __device__ __forceinline__ float tanh_of(float x) { return tanhf(x); }
 __device__ __forceinline__ double tanh_of(double x) { return tanh(x); }
 
 template <typename T>
-__global__ void lstm_cell_forward_kernel(T* __restrict__ gates, const T* __restrict__ c_prev, T* __restrict__ c,
+__global__ void lstm_cell_forward_kernel(const T* __restrict__ hw, const T* __restrict__ gates_x,
+                                         const T* __restrict__ c_prev, T* __restrict__ gates, T* __restrict__ c,
                                          T* __restrict__ r, int64_t elements, int64_t hidden) {
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < elements;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t row = e / hidden, j = e - row * hidden;
-    T* g = gates + row * 4 * hidden + j;
-    const T i = sigmoid(g[0]), f = sigmoid(g[hidden]), gg = tanh_of(g[2 * hidden]), o = sigmoid(g[3 * hidden]);
+    const int64_t k = row * 4 * hidden + j;
+    const T* a = hw + k;
+    const T* x = gates_x + k;
+    T* g = gates + k;
+    const T i = sigmoid(a[0] + x[0]), f = sigmoid(a[hidden] + x[hidden]);
+    const T gg = tanh_of(a[2 * hidden] + x[2 * hidden]), o = sigmoid(a[3 * hidden] + x[3 * hidden]);
     const T c_t = f * c_prev[e] + i * gg;
     g[0] = i;
     g[hidden] = f;
@@ -68,15 +73,16 @@ unsigned blocks_for(int64_t elements) {
 
 }  // namespace
 
-void lstm_cell_forward_cuda(at::Tensor& gates, const at::Tensor& c_prev, at::Tensor& c, at::Tensor& r) {
-  const c10::cuda::CUDAGuard guard(gates.device());
+void lstm_cell_forward_cuda(const at::Tensor& hw, const at::Tensor& gates_x, const at::Tensor& c_prev,
+                            at::Tensor& gates, at::Tensor& c, at::Tensor& r) {
+  const c10::cuda::CUDAGuard guard(hw.device());
   const int64_t elements = c.numel(), hidden = c.size(1);
   if (elements == 0) return;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "lstm_cell_forward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES(hw.scalar_type(), "lstm_cell_forward_cuda", [&] {
     lstm_cell_forward_kernel<scalar_t><<<blocks_for(elements), kThreads, 0, stream>>>(
-        gates.data_ptr<scalar_t>(), c_prev.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(), r.data_ptr<scalar_t>(),
-        elements, hidden);
+        hw.data_ptr<scalar_t>(), gates_x.data_ptr<scalar_t>(), c_prev.data_ptr<scalar_t>(),
+        gates.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(), r.data_ptr<scalar_t>(), elements, hidden);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
