@@ -17,6 +17,7 @@ from transformers.modeling_utils import AttentionInterface
 from transformers.models.bert import modeling_bert
 
 from fastenc import functional as F
+from fastenc.nn.normalization import residual_layer_norm
 
 IMPLEMENTATION = "fastenc"
 
@@ -38,9 +39,7 @@ class _ResidualNormOutput(torch.nn.Module):
     """forward of BertSelfOutput and BertOutput with the residual add fused into the LayerNorm."""
 
     def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
-        norm = self.LayerNorm
-        return F.layer_norm(self.dropout(self.dense(hidden_states)), norm.normalized_shape, norm.weight, norm.bias,
-                            norm.eps, residual=input_tensor)
+        return residual_layer_norm(self.LayerNorm, self.dropout(self.dense(hidden_states)), input_tensor)
 
 
 class BertSelfOutput(_ResidualNormOutput, modeling_bert.BertSelfOutput):

@@ -61,3 +61,19 @@ def test_converted_minilm_trains_like_hugging_face(tokens):
         losses.append((loss.detach(), model.encoder.layer[2].intermediate.dense.weight.grad.clone()))
     torch.testing.assert_close(losses[1][0], losses[0][0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(losses[1][1], losses[0][1], atol=1e-5, rtol=1e-4)
+
+
+def test_converted_minilm_under_cpu_autocast(tokens):
+    """bf16 autocast: the converted model runs (the fused residual + LayerNorm promotes a bf16 sublayer output
+    against the float32 residual as HF's `x + residual` does) and its error against the float32 model is of the
+    size of HF's own under the same autocast (RMS within 3x: two bf16 runs round at different places)."""
+    model = _model()
+    valid = tokens["attention_mask"].bool()[..., None]
+    with torch.no_grad():
+        exact = model(**tokens).last_hidden_state.masked_fill(~valid, 0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            theirs = model(**tokens).last_hidden_state
+            ours = fastenc.convert(model)(**tokens).last_hidden_state
+    assert ours.dtype == theirs.dtype
+    rms = lambda t: (t.float().masked_fill(~valid, 0) - exact).square().mean().sqrt()  # noqa: E731
+    assert rms(ours) <= 3 * rms(theirs) + 1e-3, (rms(ours), rms(theirs))

@@ -16,3 +16,12 @@ class LayerNorm(torch.nn.LayerNorm):
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
         return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps, residual=residual)
+
+
+def residual_layer_norm(norm: torch.nn.LayerNorm, x: Tensor, residual: Tensor, return_residual: bool = False):
+    """`norm(x + residual)` in one fused pass, for any LayerNorm module (torch's or fastenc's), promoting the two
+    dtypes as torch's `x + residual` does: under autocast a sublayer's low-precision output meets a float32
+    residual stream, and the sum (hence the norm) is float32."""
+    dtype = torch.promote_types(x.dtype, residual.dtype)
+    return F.layer_norm(x.to(dtype), norm.normalized_shape, norm.weight, norm.bias, norm.eps,
+                        residual=residual.to(dtype), return_residual=return_residual)

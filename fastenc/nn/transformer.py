@@ -20,6 +20,7 @@ from torch import Tensor
 from fastenc import functional as F
 from fastenc.nn._swap import swap_classes
 from fastenc.nn.activation import check_dtype, check_masks
+from fastenc.nn.normalization import residual_layer_norm
 
 
 def pack(x: Tensor, padding: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
@@ -104,10 +105,10 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
     def _block(self, x: Tensor, attend) -> Tensor:
         """The layer's body around an attention callable; every residual add is fused into a LayerNorm."""
         if self.norm_first:
-            h, x = self._norm(self.norm2, self.dropout1(attend(self.norm1(x))), x, return_residual=True)
+            h, x = residual_layer_norm(self.norm2, self.dropout1(attend(self.norm1(x))), x, return_residual=True)
             return x + self._ff_block(h)
-        x = self._norm(self.norm1, self.dropout1(attend(x)), x)
-        return self._norm(self.norm2, self._ff_block(x), x)
+        x = residual_layer_norm(self.norm1, self.dropout1(attend(x)), x)
+        return residual_layer_norm(self.norm2, self._ff_block(x), x)
 
     def _ff_block(self, x: Tensor) -> Tensor:
         activation = _fused_activation(self.activation)
@@ -116,15 +117,6 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
         h = TF.linear(x, self.linear1.weight)  # the bias is added in the fused epilogue
         h = F.bias_activation(h, self.linear1.bias, activation, self.dropout.p if self.training else 0.0)
         return self.dropout2(self.linear2(h))
-
-    @staticmethod
-    def _norm(norm: torch.nn.LayerNorm, x: Tensor, residual: Tensor, return_residual: bool = False):
-        # torch adds `residual + x` with type promotion: under autocast a sublayer's low-precision output meets
-        # a float32 residual stream, and the sum (hence the norm) is float32.
-        dtype = torch.promote_types(x.dtype, residual.dtype)
-        x, residual = x.to(dtype), residual.to(dtype)
-        return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps, residual=residual,
-                            return_residual=return_residual)
 
 
 class TransformerEncoder(torch.nn.TransformerEncoder):
