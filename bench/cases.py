@@ -118,6 +118,20 @@ def _randn(shape, dtype, device, generator, scale=1.0, shift=0.0) -> Tensor:
     return t.to(device=device, dtype=dtype)
 
 
+def _padded_lengths(params: dict) -> Tensor | None:
+    """Lengths uniform in [min_len, S], or None (no mask) when min_len = S. Drawn from a generator of their own,
+    so that the work formula, which sees only params, counts the tokens the inputs hold."""
+    if params["min_len"] >= params["S"]:
+        return None
+    return torch.randint(params["min_len"], params["S"] + 1, (params["B"],),
+                         generator=torch.Generator().manual_seed(0))
+
+
+def _zero_padding(out: Tensor, padding: Tensor | None) -> Tensor:
+    # fastenc leaves zeros at padded positions, torch and Hugging Face other values: zeroed for all, alike.
+    return out if padding is None else out.masked_fill(padding[..., None], 0.0)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # residual-add + LayerNorm: y = layer_norm(x + residual) * weight + bias over the last dimension N, M rows.
 # ---------------------------------------------------------------------------------------------------------------
@@ -201,14 +215,17 @@ def _attention_torch(t: dict) -> Tensor:
     return F.scaled_dot_product_attention(t["q"], t["k"], t["v"])
 
 
-def _sdpa_with(backend_name: str) -> Callable[[dict], Tensor]:
-    """SDPA forced onto one of its backends (a provider that cannot run a case is reported as skipped)."""
+def _sdpa_with(backend_name: str, sdpa: Callable[[dict], Tensor] = _attention_torch) -> Callable[[dict], Tensor]:
+    """`sdpa` forced onto one of SDPA's backends (a provider that cannot run a case is reported as skipped)."""
     def run(t: dict) -> Tensor:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         with sdpa_kernel(getattr(SDPBackend, backend_name)):
-            return _attention_torch(t)
+            return sdpa(t)
     return run
+
+
+SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
 
 
 def _attention_work(params: dict, dtype: torch.dtype, mode: str) -> Work:
@@ -234,8 +251,69 @@ ATTENTION = register(OpBench(
     torch_fn=_attention_torch,
     work=_attention_work,
     x_axis=("S (sequence length)", lambda p: p["S"]),
-    extra_peers={f"sdpa.{name.lower()}": _sdpa_with(name)
-                 for name in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")},
+    extra_peers={f"sdpa.{name.lower()}": _sdpa_with(name) for name in SDPA_BACKENDS},
+))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# attention on a padded batch (lengths uniform in [S/4, S]): fastenc packs the tokens, runs attention_varlen and
+# unpacks; the peers run SDPA on the padded batch with the key padding mask. Padded query rows are zeroed for all.
+# ---------------------------------------------------------------------------------------------------------------
+
+def _padded_attention_inputs(params: dict, dtype: torch.dtype, device: torch.device, gen: torch.Generator) -> dict:
+    # int64 lengths; the float64 oracle gets a float64 copy, which holds these integers exactly
+    return {**_attention_inputs(params, dtype, device, gen), "lengths": _padded_lengths(params).to(device)}
+
+
+def _key_padding(t: dict) -> Tensor:
+    """(B, S), True at padding."""
+    return torch.arange(t["q"].shape[2], device=t["q"].device) >= t["lengths"][:, None]
+
+
+def _padded_attention_fastenc(t: dict) -> Tensor:
+    import fastenc
+
+    valid = ~_key_padding(t)
+    b, h, s, d = t["q"].shape
+    pack = lambda x: x.transpose(1, 2)[valid]  # noqa: E731  (B, H, S, D) -> (tokens, H, D)
+    cu = F.pad(t["lengths"].long().cumsum(0), (1, 0)).to(torch.int32)
+    # max_seqlen = S bounds every sequence without reading the lengths back from the device.
+    out = fastenc.functional.attention_varlen(pack(t["q"]), pack(t["k"]), pack(t["v"]), cu, cu, s, s)
+    padded = out.new_zeros(b, s, h, d)
+    padded[valid] = out
+    return padded.transpose(1, 2)
+
+
+def _padded_attention_sdpa(t: dict) -> Tensor:
+    padding = _key_padding(t)
+    out = F.scaled_dot_product_attention(t["q"], t["k"], t["v"], attn_mask=~padding[:, None, None, :])
+    return out.masked_fill(padding[:, None, :, None], 0.0)
+
+
+def _padded_attention_work(params: dict, dtype: torch.dtype, mode: str) -> Work:
+    """The work on real tokens: sum over sequences of 4·H·L²·D forward; the backward 2.5× that."""
+    forward = sum(4 * params["H"] * n * n * params["D"] for n in _padded_lengths(params).tolist())
+    return Work(flops=forward if mode == FWD else int(3.5 * forward))
+
+
+PADDED_ATTENTION = register(OpBench(
+    name="attention_varlen",
+    bound="compute",
+    modes=(FWD, FWD_BWD),
+    shapes={
+        "cuda": [{"B": 16384 // s, "H": 16, "S": s, "D": d, "min_len": s // 4} for d in (64, 128)
+                 for s in (512, 1024, 2048, 4096, 8192)],
+        "cpu": [{"B": 4, "H": 8, "S": 256, "D": 64, "min_len": 64}],
+        "quick": [{"B": 2, "H": 2, "S": 64, "D": 32, "min_len": 16}],
+    },
+    dtypes={"cuda": (torch.bfloat16,), "cpu": (torch.float32,)},
+    make_inputs=_padded_attention_inputs,
+    grad_inputs=("q", "k", "v"),
+    fastenc_fn=_padded_attention_fastenc,
+    torch_fn=_padded_attention_sdpa,
+    work=_padded_attention_work,
+    x_axis=("S (longest sequence)", lambda p: p["S"]),
+    extra_peers={f"sdpa.{name.lower()}": _sdpa_with(name, _padded_attention_sdpa) for name in SDPA_BACKENDS},
 ))
 
 
@@ -306,15 +384,6 @@ BERT_NAMES = {"self_attn.out_proj": "attention.output.dense", "norm1": "attentio
 _ENCODER_SKELETONS: dict[tuple, torch.nn.Module] = {}
 
 
-def _encoder_lengths(params: dict) -> Tensor | None:
-    """Lengths uniform in [min_len, S], or None (no mask) when min_len = S. Drawn from a generator of their own,
-    so that the work formula, which sees only params, counts the tokens the inputs hold."""
-    if params["min_len"] >= params["S"]:
-        return None
-    return torch.randint(params["min_len"], params["S"] + 1, (params["B"],),
-                         generator=torch.Generator().manual_seed(0))
-
-
 def _build_encoder_skeletons(d: int, ff: int, layers: int) -> None:
     import fastenc
 
@@ -353,7 +422,7 @@ def _encoder_inputs(params: dict, dtype: torch.dtype, device: torch.device, gen:
         else:  # biases about 0, LayerNorm weights about 1
             shift = 1.0 if name.startswith("norm") and name.endswith("weight") else 0.0
             inputs[name] = _randn((layers, *shape), dtype, device, gen, scale=0.1, shift=shift)
-    lengths = _encoder_lengths(params)
+    lengths = _padded_lengths(params)
     if lengths is not None:  # int64; the float64 oracle gets a float64 copy, which holds these integers exactly
         inputs["lengths"] = lengths.to(device)
     return inputs
@@ -374,11 +443,6 @@ def _encoder_layers(t: dict) -> list[dict[str, Tensor]]:
 def _encoder_skeleton(kind: str, t: dict) -> torch.nn.Module:
     layers, ff, d = t["linear1.weight"].shape
     return _ENCODER_SKELETONS[(kind, d, ff, layers)]
-
-
-def _zero_padding(out: Tensor, padding: Tensor | None) -> Tensor:
-    # fastenc leaves zeros at padded positions, torch and Hugging Face other values: zeroed for all, alike.
-    return out if padding is None else out.masked_fill(padding[..., None], 0.0)
 
 
 def _encoder_module(kind: str) -> Callable[[dict], Tensor]:
@@ -415,7 +479,7 @@ def _encoder_bert_sdpa(t: dict) -> Tensor:
 
 
 def _encoder_tokens(params: dict) -> list[int]:
-    lengths = _encoder_lengths(params)
+    lengths = _padded_lengths(params)
     return [params["S"]] * params["B"] if lengths is None else lengths.tolist()
 
 
