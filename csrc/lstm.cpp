@@ -94,28 +94,29 @@ void cell_backward(const at::Tensor& gates, const at::Tensor& c, const at::Tenso
   lstm_cell_backward_cpu(gates, c, c_prev, dr, dc, d_gates);
 }
 
-// h_{t-1} W_hh^T of one step. On CPU in float32 it goes through oneDNN, with W_hh packed once per sequence, via
-// the mkldnn ops libtorch registers for its own compiler: at these shapes (M = batch) that was ~1.4x the at::mm
-// (MKL) rate on the AMD EPYC we measured. Elsewhere, or where torch lacks those ops, at::mm into a scratch buffer.
-class RecurrentProduct {
+// x W^T for one step's rows x, W fixed over the sequence: h_{t-1} W_hh^T in the forward, d_gates_{t+1} W_hh in the
+// backward. On CPU in float32 it goes through oneDNN, with W packed once per sequence, via the mkldnn ops
+// libtorch registers for its own compiler: at these shapes (M = batch) that was ~1.4x the at::mm (MKL) rate on
+// the AMD EPYC we measured. Elsewhere, or where torch lacks those ops, at::mm into a scratch buffer.
+class StepProduct {
  public:
-  RecurrentProduct(const at::Tensor& w_hh, int64_t batch) : w_hh_t_(w_hh.t()) {
+  StepProduct(const at::Tensor& w, int64_t batch) : w_t_(w.t()) {
     static const auto ops = find_onednn_ops();
-    if (w_hh.is_cpu() && w_hh.scalar_type() == at::kFloat && ops.has_value()) {
+    if (w.is_cpu() && w.scalar_type() == at::kFloat && ops.has_value()) {
       linear_ = ops->second;
-      packed_ = ops->first.typed<at::Tensor(const at::Tensor&, std::optional<int64_t>)>().call(w_hh, batch);
+      packed_ = ops->first.typed<at::Tensor(const at::Tensor&, std::optional<int64_t>)>().call(w.contiguous(), batch);
     } else {
-      scratch_ = at::empty({batch, w_hh.size(0)}, w_hh.options());
+      scratch_ = at::empty({batch, w.size(0)}, w.options());
     }
   }
 
-  at::Tensor operator()(const at::Tensor& h_prev) {
+  at::Tensor operator()(const at::Tensor& x) {
     if (!linear_.has_value()) {
-      auto out = scratch_.narrow(0, 0, h_prev.size(0));
-      at::mm_out(out, h_prev, w_hh_t_);
+      auto out = scratch_.narrow(0, 0, x.size(0));
+      at::mm_out(out, x, w_t_);
       return out;
     }
-    torch::jit::Stack stack{h_prev.contiguous(), packed_, c10::IValue(), c10::IValue("none"),
+    torch::jit::Stack stack{x.contiguous(), packed_, c10::IValue(), c10::IValue("none"),
                             c10::List<std::optional<at::Scalar>>(), c10::IValue()};
     linear_->callBoxed(stack);
     return stack[0].toTensor();
@@ -131,7 +132,7 @@ class RecurrentProduct {
     return Ops{*reorder, *linear};
   }
 
-  at::Tensor w_hh_t_, packed_, scratch_;
+  at::Tensor w_t_, packed_, scratch_;
   std::optional<c10::OperatorHandle> linear_;
 };
 
@@ -161,7 +162,7 @@ LstmForward lstm_layer_forward(const at::Tensor& gates_x, const at::Tensor& h0, 
   auto c_last = save ? at::Tensor() : acc_rows(batch, hidden);
   // o * tanh(c) when it is neither kept in rs nor the output itself (a low-precision out).
   auto r_scratch = (!proj_on && !same) ? acc_rows(batch, hidden) : at::Tensor();
-  RecurrentProduct recurrent(w_hh.to(acc), batch);
+  StepProduct recurrent(w_hh.to(acc), batch);
   const auto w_hr_t = proj_on ? w_hr->to(acc).t() : at::Tensor();
   const auto c0_acc = c0.to(acc).contiguous();
 
@@ -224,6 +225,7 @@ LstmBackward lstm_layer_backward(const at::Tensor& d_out, const at::Tensor& d_hn
   const auto d_hn_acc = d_hn.to(acc);
   const auto c0_acc = c0.to(acc).contiguous();
   const auto w = w_hh.to(acc);
+  StepProduct feedback(w.t(), batch);  // d_gates W_hh: what a step's gates pass back to the h they read
   const auto w_r = w_hr.has_value() ? w_hr->to(acc) : at::Tensor();
   auto d_gates = at::empty({rows, 4 * hidden}, g_all.options());
   // dL/dh of every row: kept whole for dW_hr with a projection, one step's worth otherwise.
@@ -238,7 +240,7 @@ LstmBackward lstm_layer_backward(const at::Tensor& d_out, const at::Tensor& d_hn
     // A row active at the next step feeds its h into that step's gates; otherwise its h is h_n.
     auto dh = d_h.narrow(0, w_hr.has_value() ? s.off : 0, s.n);
     dh.copy_(d_out_acc.narrow(0, s.off, s.n));
-    if (k > 0) dh.narrow(0, 0, k).addmm_(d_gates.narrow(0, next.off, k), w);
+    if (k > 0) dh.narrow(0, 0, k).add_(feedback(d_gates.narrow(0, next.off, k)));
     if (k < s.n) dh.narrow(0, k, s.n - k).add_(d_hn_acc.narrow(0, k, s.n - k));
     auto dr = dh;
     if (w_hr.has_value()) {
