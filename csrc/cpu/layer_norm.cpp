@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "../layer_norm.h"
+#include "simd.h"
 
 namespace fastenc {
 namespace {
@@ -123,7 +124,7 @@ void forward_kernel(const scalar_t* x, const scalar_t* residual, const acc_t* w,
 
 // dx for rows [begin, end), and their dweight / dbias contributions added into dw / db (this chunk's own rows).
 template <typename scalar_t, typename acc_t>
-void backward_rows(const scalar_t* dy, const scalar_t* dsum, const scalar_t* xs, const acc_t* w, const acc_t* mean,
+FASTENC_INLINE void backward_rows(const scalar_t* dy, const scalar_t* dsum, const scalar_t* xs, const acc_t* w, const acc_t* mean,
                    const acc_t* rstd, scalar_t* dx, acc_t* dw, acc_t* db, int64_t n, int64_t begin, int64_t end) {
   std::vector<acc_t> scratch(3 * n);
   acc_t* g = scratch.data();       // dy * w
@@ -184,6 +185,24 @@ void backward_rows(const scalar_t* dy, const scalar_t* dsum, const scalar_t* xs,
   }
 }
 
+// The float32 rows, multi-versioned (target_clones does not apply to templates); other dtypes run the template.
+FASTENC_CPU_CLONES void backward_rows_f32(const float* dy, const float* dsum, const float* xs, const float* w,
+                                          const float* mean, const float* rstd, float* dx, float* dw, float* db,
+                                          int64_t n, int64_t begin, int64_t end) {
+  backward_rows(dy, dsum, xs, w, mean, rstd, dx, dw, db, n, begin, end);
+}
+
+template <typename scalar_t, typename acc_t>
+void backward_rows_any(const scalar_t* dy, const scalar_t* dsum, const scalar_t* xs, const acc_t* w,
+                       const acc_t* mean, const acc_t* rstd, scalar_t* dx, acc_t* dw, acc_t* db, int64_t n,
+                       int64_t begin, int64_t end) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    backward_rows_f32(dy, dsum, xs, w, mean, rstd, dx, dw, db, n, begin, end);
+  } else {
+    backward_rows(dy, dsum, xs, w, mean, rstd, dx, dw, db, n, begin, end);
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 void backward_kernel(const scalar_t* dy, const scalar_t* dsum, const scalar_t* xs, const acc_t* w, const acc_t* mean,
                      const acc_t* rstd, scalar_t* dx, acc_t* dw_partial, acc_t* db_partial, int64_t m, int64_t n,
@@ -192,7 +211,7 @@ void backward_kernel(const scalar_t* dy, const scalar_t* dsum, const scalar_t* x
   // memory, and the caller sums the partials in chunk order, so the result depends only on `chunks`.
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
-      backward_rows(dy, dsum, xs, w, mean, rstd, dx, dw_partial ? dw_partial + c * n : nullptr,
+      backward_rows_any(dy, dsum, xs, w, mean, rstd, dx, dw_partial ? dw_partial + c * n : nullptr,
                     db_partial ? db_partial + c * n : nullptr, n, c * m / chunks, (c + 1) * m / chunks);
     }
   });

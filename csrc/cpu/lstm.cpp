@@ -13,13 +13,8 @@
 #include <cstdint>
 
 #include "../lstm.h"
+#include "simd.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FASTENC_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FASTENC_CPU_CLONES
-#endif
-#define FASTENC_INLINE inline __attribute__((always_inline))
 
 namespace fastenc {
 namespace {
