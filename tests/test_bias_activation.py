@@ -95,10 +95,11 @@ def test_dropout(op_backend):
 
 
 @pytest.mark.parametrize("activation", list(TORCH_ACTIVATIONS))
-def test_reference_slope_is_autograds(activation):
+def test_reference_activation_backward_is_autograds(activation):
     z = torch.linspace(-6, 6, 101, dtype=torch.float64, requires_grad=True)
-    (expected,) = torch.autograd.grad(TORCH_ACTIVATIONS[activation](z).sum(), z)
-    torch.testing.assert_close(reference._slope(z.detach(), activation), expected)
+    dy = torch.randn(101, dtype=torch.float64)
+    (expected,) = torch.autograd.grad(TORCH_ACTIVATIONS[activation](z), z, dy)
+    torch.testing.assert_close(reference._activation_backward(dy, z.detach(), activation), expected)
 
 
 def test_opcheck(op_backend):
