@@ -103,11 +103,14 @@ class StepProduct {
   StepProduct(const at::Tensor& w, int64_t batch) : w_t_(w.t()) {
     static const auto ops = find_onednn_ops();
     if (w.is_cpu() && w.scalar_type() == at::kFloat && ops.has_value()) {
-      linear_ = ops->second;
-      packed_ = ops->first.typed<at::Tensor(const at::Tensor&, std::optional<int64_t>)>().call(w.contiguous(), batch);
-    } else {
-      scratch_ = at::empty({batch, w.size(0)}, w.options());
+      try {  // a torch whose ops changed signature gets at::mm, not an error
+        packed_ = ops->first.typed<at::Tensor(const at::Tensor&, std::optional<int64_t>)>().call(w.contiguous(), batch);
+        linear_ = ops->second;
+        return;
+      } catch (const c10::Error&) {
+      }
     }
+    scratch_ = at::empty({batch, w.size(0)}, w.options());
   }
 
   at::Tensor operator()(const at::Tensor& x) {
@@ -128,7 +131,7 @@ class StepProduct {
     auto& dispatcher = c10::Dispatcher::singleton();
     auto reorder = dispatcher.findSchema({"mkldnn::_reorder_linear_weight", ""});
     auto linear = dispatcher.findSchema({"mkldnn::_linear_pointwise", ""});
-    if (!reorder.has_value() || !linear.has_value()) return std::nullopt;
+    if (!at::hasMKLDNN() || !reorder.has_value() || !linear.has_value()) return std::nullopt;
     return Ops{*reorder, *linear};
   }
 
