@@ -65,6 +65,9 @@ def _setup_context(ctx, inputs, output):
     x, residual, weight, bias, _, store_sum, ctx.backend = inputs
     _, summed, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
+    # An unused output's gradient stays None: materialised, the stored sum's would be a full (M, N) tensor of
+    # zeros, filled and then read by the backward kernel, on every step that does not return the sum.
+    ctx.set_materialize_grads(False)
     # Without the stored sum the backward has nothing to normalise; functional stores it whenever a gradient may
     # be needed, so only a direct call of the op can get here.
     ctx.saves_input = residual is None or store_sum
@@ -79,6 +82,8 @@ def _backward(ctx, dy, dsum, dmean, drstd):
     xs, weight, mean, rstd = ctx.saved_tensors
     if dsum is not None and dsum.numel() == 0:
         dsum = None
+    if dy is None:  # only the stored sum was used
+        dy = torch.zeros_like(xs)
     has_bias = ctx.bias_dtype is not None
     dx, dweight, dbias = layer_norm_backward(dy, dsum, xs, weight, mean, rstd, has_bias, ctx.backend)
     return (
