@@ -22,15 +22,19 @@ struct Step {
   int64_t prev_off, prev_n;  // the rows of the step processed before it (0 rows for the first)
 };
 
+// Host-side row maps; the forward needs `last` on the device, the backward `first` and `previous` (see index()).
 struct Schedule {
-  std::vector<Step> steps;  // in processing order (time order, or reversed)
-  at::Tensor first, last;   // per batch row: its flat row at its first / last processed step (int64, on device)
-  at::Tensor previous;      // per flat row: its row in cat([out, h0]) holding the h that step started from
+  std::vector<Step> steps;                // in processing order (time order, or reversed)
+  std::vector<int64_t> first, last;       // per batch row: its flat row at its first / last processed step
+  std::vector<int64_t> previous;          // per flat row: its row in cat([out, h0]) holding the h it started from
 };
 
+at::Tensor index(const std::vector<int64_t>& rows, const at::Device& device) {
+  return at::tensor(rows, at::TensorOptions().dtype(at::kLong)).to(device);
+}
+
 // `rows_lead`: the leading size of gates_x / out, i.e. T, or N when packed.
-Schedule make_schedule(const std::optional<at::Tensor>& batch_sizes, int64_t rows_lead, int64_t batch, bool reverse,
-                       const at::Device& device) {
+Schedule make_schedule(const std::optional<at::Tensor>& batch_sizes, int64_t rows_lead, int64_t batch, bool reverse) {
   const int64_t steps = batch_sizes.has_value() ? batch_sizes->numel() : rows_lead;
   std::vector<int64_t> sizes(steps, batch);
   if (batch_sizes.has_value()) {
@@ -41,8 +45,7 @@ Schedule make_schedule(const std::optional<at::Tensor>& batch_sizes, int64_t row
   for (int64_t t = 0; t < steps; ++t) offsets[t + 1] = offsets[t] + sizes[t];
   const int64_t rows = offsets[steps];
 
-  Schedule plan;
-  std::vector<int64_t> first(batch), last(batch), previous(rows);
+  Schedule plan{{}, std::vector<int64_t>(batch), std::vector<int64_t>(batch), std::vector<int64_t>(rows)};
   int64_t prev_off = 0, prev_n = 0;
   for (int64_t k = 0; k < steps; ++k) {
     const int64_t t = reverse ? steps - 1 - k : k;
@@ -50,19 +53,13 @@ Schedule make_schedule(const std::optional<at::Tensor>& batch_sizes, int64_t row
     plan.steps.push_back({off, n, prev_off, prev_n});
     for (int64_t b = 0; b < n; ++b) {
       const bool continues = b < prev_n;
-      previous[off + b] = continues ? prev_off + b : rows + b;
-      if (!continues) first[b] = off + b;
-      last[b] = off + b;
+      plan.previous[off + b] = continues ? prev_off + b : rows + b;
+      if (!continues) plan.first[b] = off + b;
+      plan.last[b] = off + b;
     }
     prev_off = off;
     prev_n = n;
   }
-  const auto to_tensor = [&](const std::vector<int64_t>& v) {
-    return at::tensor(v, at::TensorOptions().dtype(at::kLong)).to(device);
-  };
-  plan.first = to_tensor(first);
-  plan.last = to_tensor(last);
-  plan.previous = to_tensor(previous);
   return plan;
 }
 
@@ -153,7 +150,7 @@ LstmForward lstm_layer_forward(const at::Tensor& gates_x, const at::Tensor& h0, 
   const auto lead = gates_x.sizes().slice(0, gates_x.dim() - 1);
   const auto gx = gates_x.reshape({-1, 4 * hidden}).to(acc).contiguous();
   const int64_t rows = gx.size(0);
-  const auto plan = make_schedule(batch_sizes, gates_x.size(0), batch, reverse, gates_x.device());
+  const auto plan = make_schedule(batch_sizes, gates_x.size(0), batch, reverse);
   const auto acc_rows = [&](int64_t n, int64_t width) { return at::empty({n, width}, gx.options()); };
 
   auto out = at::empty({rows, proj}, gates_x.options());
@@ -201,8 +198,9 @@ LstmForward lstm_layer_forward(const at::Tensor& gates_x, const at::Tensor& h0, 
     shape.push_back(width);
     return shape;
   };
-  auto h_n = out.index_select(0, plan.last).to(h0.scalar_type());
-  auto c_n = (save ? cs.index_select(0, plan.last) : c_last).to(c0.scalar_type());
+  const auto last = index(plan.last, out.device());
+  auto h_n = out.index_select(0, last).to(h0.scalar_type());
+  auto c_n = (save ? cs.index_select(0, last) : c_last).to(c0.scalar_type());
   if (!save) {
     const auto none = at::empty({0}, gx.options());
     return {out.view(lead_shape(proj)), h_n, c_n, none, none, none};
@@ -222,7 +220,7 @@ LstmBackward lstm_layer_backward(const at::Tensor& d_out, const at::Tensor& d_hn
   const auto c_all = cs.reshape({-1, hidden}).contiguous();
   const auto out_all = out.reshape({-1, proj});
   const int64_t rows = g_all.size(0);
-  const auto plan = make_schedule(batch_sizes, out.size(0), batch, reverse, out.device());
+  const auto plan = make_schedule(batch_sizes, out.size(0), batch, reverse);
 
   const auto d_out_acc = d_out.reshape({-1, proj}).to(acc);
   const auto d_hn_acc = d_hn.to(acc);
@@ -234,7 +232,7 @@ LstmBackward lstm_layer_backward(const at::Tensor& d_out, const at::Tensor& d_hn
   // dL/dh of every row: kept whole for dW_hr with a projection, one step's worth otherwise.
   auto d_h = at::empty({w_hr.has_value() ? rows : batch, proj}, g_all.options());
   auto dr_scratch = w_hr.has_value() ? at::empty({batch, hidden}, g_all.options()) : at::Tensor();
-  auto dc = d_cn.to(acc).contiguous().clone();
+  auto dc = d_cn.to(acc, /*non_blocking=*/false, /*copy=*/true, at::MemoryFormat::Contiguous);  // updated in place
 
   Step next{0, 0, 0, 0};  // the step processed after this one in the forward
   for (auto it = plan.steps.rbegin(); it != plan.steps.rend(); ++it) {
@@ -256,9 +254,9 @@ LstmBackward lstm_layer_backward(const at::Tensor& d_out, const at::Tensor& d_hn
     cell_backward(g_all.narrow(0, s.off, s.n), c_all.narrow(0, s.off, s.n), c_prev, dr, dc_rows, dg);
     next = s;
   }
-  const auto h_prev = at::cat({out_all, h0}).index_select(0, plan.previous).to(acc);
+  const auto h_prev = at::cat({out_all, h0}).index_select(0, index(plan.previous, out.device())).to(acc);
   auto dw_hh = at::mm(d_gates.t(), h_prev);
-  auto dh0 = at::mm(d_gates.index_select(0, plan.first), w).to(h0.scalar_type());
+  auto dh0 = at::mm(d_gates.index_select(0, index(plan.first, out.device())), w).to(h0.scalar_type());
   auto dw_hr = w_hr.has_value() ? at::mm(d_h.t(), rs.reshape({-1, hidden})) : at::empty({0}, g_all.options());
   auto d_gates_x = d_gates.to(out.scalar_type()).view(gates.sizes());
   return {d_gates_x, dh0, dc.to(c0.scalar_type()), dw_hh, dw_hr};

@@ -192,15 +192,15 @@ def _check_cu_seqlens(name: str, cu: Tensor, tokens: int, device: torch.device, 
         raise ValueError(f"{name} must be a 1-D int32 tensor of B + 1 cumulative lengths starting at 0")
     if cu.device != device:
         raise ValueError(f"{name} is on {cu.device} but q is on {device}")
+    lengths = cu.diff()
     if cu.device.type == "cpu":  # on a GPU these checks would cost a synchronisation per call
-        lengths = cu.diff()
         if int(cu[0]) != 0 or int(cu[-1]) != tokens or bool((lengths < 0).any()):
             raise ValueError(f"{name} must rise from 0 to the number of tokens ({tokens}), got {cu.tolist()}")
         # A smaller max_seqlen would leave the tokens past it uncomputed.
         if max_seqlen is not None and max_seqlen < int(lengths.max()):
             raise ValueError(f"{max_name} ({max_seqlen}) is less than the longest sequence in {name} "
                              f"({int(lengths.max())})")
-    return cu.to(torch.int32), int(cu.diff().max()) if max_seqlen is None else int(max_seqlen)
+    return cu.to(torch.int32), int(lengths.max()) if max_seqlen is None else int(max_seqlen)
 
 
 def attention_varlen(
