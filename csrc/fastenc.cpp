@@ -53,76 +53,94 @@ LayerNormBackward layer_norm_backward(const at::Tensor& dy, const std::optional<
   return layer_norm_backward_cpu(dy, dsum, xs, weight, mean, rstd, has_bias);
 }
 
-// One LSTM layer's operands: gates_x (T, B, 4H), or (N, 4H) with batch_sizes (T,) int64 on the CPU; h0 (B, P),
-// c0 (B, H), w_hh (4H, P), w_hr (P, H), all of `dtype` and on gates_x's device. (In the backward the saved gates
-// take gates_x's place: float32 / float64 while the operands keep the input dtype.)
-void check_lstm(const at::Tensor& gates_x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh,
-                const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& batch_sizes,
-                const char* gates_name, at::ScalarType dtype) {
-  check_floating(gates_x, gates_name);
+// One LSTM layer's operands: x (T, B, I), or (N, I) with batch_sizes (T,) int64 on the CPU; h0 (B, P), c0 (B, H),
+// w_ih (4H, I), w_hh (4H, P), w_hr (P, H), all of x's dtype and on x's device.
+void check_lstm(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+                const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
+                const std::optional<at::Tensor>& batch_sizes) {
+  check_floating(x, "x");
   check_2d(h0, "h0");
   check_2d(c0, "c0");
+  check_2d(w_ih, "w_ih");
   const int64_t batch = h0.size(0), proj = h0.size(1), hidden = c0.size(1);
   const bool packed = batch_sizes.has_value();
-  TORCH_CHECK(gates_x.dim() == (packed ? 2 : 3) && gates_x.size(-1) == 4 * hidden, gates_name, " must be ",
-              packed ? "(N, 4H)" : "(T, B, 4H)", " with H = ", hidden, ", got ", gates_x.sizes());
-  TORCH_CHECK(packed || gates_x.size(1) == batch, gates_name, " has batch ", gates_x.size(1), ", h0 has ", batch);
+  TORCH_CHECK(x.dim() == (packed ? 2 : 3), "x must be ", packed ? "(N, I)" : "(T, B, I)", ", got ", x.sizes());
+  TORCH_CHECK(packed || x.size(1) == batch, "x has batch ", x.size(1), ", h0 has ", batch);
   TORCH_CHECK(c0.size(0) == batch, "c0 must have ", batch, " rows (as h0), got ", c0.size(0));
   const auto check_same = [&](const at::Tensor& t, const char* name, int64_t rows, int64_t cols) {
     TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, name, " must have shape (", rows, ", ", cols,
                 "), got ", t.sizes());
-    TORCH_CHECK(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ", t.scalar_type());
-    TORCH_CHECK(t.device() == gates_x.device(), name, " must be on ", gates_x.device(), ", got ", t.device());
+    TORCH_CHECK(t.scalar_type() == x.scalar_type(), name, " must have dtype ", x.scalar_type(), ", got ",
+                t.scalar_type());
+    TORCH_CHECK(t.device() == x.device(), name, " must be on ", x.device(), ", got ", t.device());
   };
   check_same(h0, "h0", batch, proj);
   check_same(c0, "c0", batch, hidden);
+  check_same(w_ih, "w_ih", 4 * hidden, x.size(-1));
   check_same(w_hh, "w_hh", 4 * hidden, proj);
   if (w_hr.has_value()) {
     check_same(*w_hr, "w_hr", proj, hidden);
   } else {
     TORCH_CHECK(proj == hidden, "h0 must have ", hidden, " columns without w_hr, got ", proj);
   }
-  TORCH_CHECK(gates_x.is_cpu() || gates_x.is_cuda(), gates_name, " must be a CPU or CUDA tensor, got ",
-              gates_x.device());
+  TORCH_CHECK(x.is_cpu() || x.is_cuda(), "x must be a CPU or CUDA tensor, got ", x.device());
 #ifndef FASTENC_WITH_CUDA
-  TORCH_CHECK(!gates_x.is_cuda(), "fastenc._C was built without CUDA kernels; ", gates_name, " is on ",
-              gates_x.device());
+  TORCH_CHECK(!x.is_cuda(), "fastenc._C was built without CUDA kernels; x is on ", x.device());
 #endif
   if (packed) {
     const auto& sizes = *batch_sizes;
     TORCH_CHECK(sizes.dim() == 1 && sizes.is_cpu() && sizes.scalar_type() == at::kLong,
                 "batch_sizes must be a 1-D int64 CPU tensor");
     TORCH_CHECK(sizes.numel() == 0 || (sizes[0].item<int64_t>() == batch && sizes.sum().item<int64_t>() ==
-                                       gates_x.size(0)),
-                "batch_sizes must start at the batch size ", batch, " and sum to ", gates_x.size(0));
+                                       x.size(0)),
+                "batch_sizes must start at the batch size ", batch, " and sum to ", x.size(0));
   }
 }
 
-LstmForward lstm_layer_forward_checked(const at::Tensor& gates_x, const at::Tensor& h0, const at::Tensor& c0,
-                                       const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
+LstmForward lstm_layer_forward_checked(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
+                                       const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                       const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& w_hr,
                                        const std::optional<at::Tensor>& batch_sizes, bool reverse, bool save) {
-  check_lstm(gates_x, h0, c0, w_hh, w_hr, batch_sizes, "gates_x", gates_x.scalar_type());
-  return lstm_layer_forward(gates_x, h0, c0, w_hh, w_hr, batch_sizes, reverse, save);
+  check_lstm(x, h0, c0, w_ih, w_hh, w_hr, batch_sizes);
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == w_ih.size(0), "bias must have shape (", w_ih.size(0),
+                ",), got ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->device() == x.device(), "bias must be ",
+                x.scalar_type(), " on ", x.device(), ", got ", bias->scalar_type(), " on ", bias->device());
+  }
+  return lstm_layer_forward(x, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse, save);
 }
 
 LstmBackward lstm_layer_backward_checked(const at::Tensor& d_out, const at::Tensor& d_hn, const at::Tensor& d_cn,
-                                         const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh,
+                                         const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
+                                         const at::Tensor& w_ih, const at::Tensor& w_hh,
                                          const std::optional<at::Tensor>& w_hr,
                                          const std::optional<at::Tensor>& batch_sizes, bool reverse,
                                          const at::Tensor& out, const at::Tensor& gates, const at::Tensor& cs,
                                          const at::Tensor& rs) {
+  check_lstm(x, h0, c0, w_ih, w_hh, w_hr, batch_sizes);
   check_like(d_out, out, "d_out", "out");
   check_like(d_hn, h0, "d_hn", "h0");
   check_like(d_cn, c0, "d_cn", "c0");
-  check_lstm(gates, h0, c0, w_hh, w_hr, batch_sizes, "gates", out.scalar_type());
-  const auto want = out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(gates.scalar_type() == want, "gates must have dtype ", want, ", got ", gates.scalar_type());
   const int64_t hidden = c0.size(1);
-  TORCH_CHECK(cs.numel() == gates.numel() / 4 && cs.size(-1) == hidden && cs.scalar_type() == want,
-              "cs must be the saved cell states (", want, ", last dim ", hidden, ")");
-  TORCH_CHECK(w_hr.has_value() ? rs.sizes() == cs.sizes() && rs.scalar_type() == want : rs.numel() == 0,
-              "rs must be the saved o * tanh(c) like cs with w_hr, empty without");
-  return lstm_layer_backward(d_out, d_hn, d_cn, h0, c0, w_hh, w_hr, batch_sizes, reverse, out, gates, cs, rs);
+  const auto lead = x.sizes().slice(0, x.dim() - 1);
+  const auto want = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto check_saved = [&](const at::Tensor& t, const char* name, int64_t width) {
+    TORCH_CHECK(t.sizes().slice(0, t.dim() - 1) == lead && t.size(-1) == width && t.scalar_type() == want &&
+                    t.device() == x.device(),
+                name, " must be saved by the forward: x's leading shape ", lead, " x ", width, ", ", want, " on ",
+                x.device(), "; got ", t.sizes(), ", ", t.scalar_type(), " on ", t.device());
+  };
+  check_saved(gates, "gates", 4 * hidden);
+  check_saved(cs, "cs", hidden);
+  if (w_hr.has_value()) {
+    check_saved(rs, "rs", hidden);
+  } else {
+    TORCH_CHECK(rs.numel() == 0, "rs must be empty without w_hr");
+  }
+  check_saved(out, "out", h0.size(1));
+  return lstm_layer_backward(d_out, d_hn, d_cn, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, reverse, out, gates, cs,
+                             rs);
 }
 
 // The build passes the arch list as a bare comma-separated token list (-DFASTENC_CUDA_ARCHS=sm_80,sm_90): string
@@ -152,11 +170,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("dy"), py::arg("dsum"), py::arg("xs"), py::arg("weight"), py::arg("mean"), py::arg("rstd"),
         py::arg("has_bias"));
   m.def("lstm_layer_forward", &fastenc::lstm_layer_forward_checked,
-        "One LSTM layer in one direction -> (out, h_n, c_n, gates, cs, rs)", py::arg("gates_x"), py::arg("h0"),
-        py::arg("c0"), py::arg("w_hh"), py::arg("w_hr"), py::arg("batch_sizes"), py::arg("reverse"), py::arg("save"));
+        "One LSTM layer in one direction -> (out, h_n, c_n, gates, cs, rs)", py::arg("x"), py::arg("h0"),
+        py::arg("c0"), py::arg("w_ih"), py::arg("w_hh"), py::arg("bias"), py::arg("w_hr"), py::arg("batch_sizes"),
+        py::arg("reverse"), py::arg("save"));
   m.def("lstm_layer_backward", &fastenc::lstm_layer_backward_checked,
-        "Its backward -> (d_gates_x, dh0, dc0, dw_hh, dw_hr)", py::arg("d_out"), py::arg("d_hn"), py::arg("d_cn"),
-        py::arg("h0"), py::arg("c0"), py::arg("w_hh"), py::arg("w_hr"), py::arg("batch_sizes"), py::arg("reverse"),
-        py::arg("out"), py::arg("gates"), py::arg("cs"), py::arg("rs"));
+        "Its backward -> (dx, dh0, dc0, dw_ih, dw_hh, d_bias, dw_hr)", py::arg("d_out"), py::arg("d_hn"),
+        py::arg("d_cn"), py::arg("x"), py::arg("h0"), py::arg("c0"), py::arg("w_ih"), py::arg("w_hh"),
+        py::arg("w_hr"), py::arg("batch_sizes"), py::arg("reverse"), py::arg("out"), py::arg("gates"), py::arg("cs"),
+        py::arg("rs"));
   m.def("cuda_archs", &fastenc::cuda_archs, "The archs the CUDA kernels were compiled for; [] without CUDA");
 }

@@ -1,8 +1,9 @@
-// The LSTM sequence driver, the same code for CPU and CUDA tensors: the whole time loop in C++ (no Python per
-// step), per step one GEMM (h_{t-1} W_hh^T) and one fused pointwise cell (adds the precomputed input gates,
-// activates, writes the saved gates, updates c and h); the weight gradients are one GEMM each over all steps after the loop.
+// The LSTM sequence driver, the same code for CPU and CUDA tensors: the input projection of all steps as one GEMM
+// (gates_x = x W_ih^T + bias), then the whole time loop in C++ (no Python per step), per step one GEMM
+// (h_{t-1} W_hh^T) and one fused pointwise cell (adds the step's input gates, activates, writes the saved gates,
+// updates c and h); in the backward dx and the weight gradients are one GEMM each over all steps after the loop.
 //
-// Rows: gates_x is (T, B, 4H), or (N, 4H) packed with batch_sizes; either way N flat rows, step t owning rows
+// Rows: x is (T, B, I), or (N, I) packed with batch_sizes; either way N flat rows, step t owning rows
 // off_t .. off_t + n_t. A step reads h_{t-1} from the rows of the step processed before it (out) and c_{t-1} from
 // the saved cell states; rows that were not active then (only in the reverse direction of a packed batch) start
 // from h0 / c0. Math in float32 (float64 for float64 input); h is stored in the input dtype, as the next step's
@@ -12,7 +13,14 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <algorithm>
+#include <atomic>
 #include <vector>
+
+namespace at::native {
+// result = beta result + alpha mat1 mat2 through oneDNN: exported by libtorch (ATen/native/mkldnn/Matmul.h, whose
+// header the wheels do not ship); it throws where oneDNN is missing or declines the CPU.
+TORCH_API void mkldnn_matmul(const Tensor& mat1, const Tensor& mat2, const Tensor& result, float beta, float alpha);
+}  // namespace at::native
 
 namespace fastenc {
 namespace {
@@ -33,7 +41,7 @@ at::Tensor index(const std::vector<int64_t>& rows, const at::Device& device) {
   return at::tensor(rows, at::TensorOptions().dtype(at::kLong)).to(device);
 }
 
-// `rows_lead`: the leading size of gates_x / out, i.e. T, or N when packed.
+// `rows_lead`: the leading size of x / out, i.e. T, or N when packed.
 Schedule make_schedule(const std::optional<at::Tensor>& batch_sizes, int64_t rows_lead, int64_t batch, bool reverse) {
   const int64_t steps = batch_sizes.has_value() ? batch_sizes->numel() : rows_lead;
   std::vector<int64_t> sizes(steps, batch);
@@ -91,33 +99,32 @@ void cell_backward(const at::Tensor& gates, const at::Tensor& c, const at::Tenso
   lstm_cell_backward_cpu(gates, c, c_prev, dr, dc, d_gates);
 }
 
-// x W^T for one step's rows x, W fixed over the sequence: h_{t-1} W_hh^T in the forward, d_gates_{t+1} W_hh in the
-// backward. On CPU in float32 it goes through oneDNN, with W packed once per sequence, via the mkldnn ops
-// libtorch registers for its own compiler: at these shapes (M = batch) that was ~1.4x the at::mm (MKL) rate on
-// the AMD EPYC we measured. Elsewhere, or where torch lacks those ops, at::mm into a scratch buffer.
-class StepProduct {
+// x W^T (+ bias) for x of up to `rows` rows, W fixed: the input projection, h_{t-1} W_hh^T each step of the
+// forward, d_gates_{t+1} W_hh each step of the backward. On CPU in float32 through oneDNN, with W packed once, via
+// the mkldnn ops libtorch registers for its own compiler: at these shapes that was ~1.4x the at::mm (MKL) rate on
+// the AMD EPYC we measured. Elsewhere, or where torch lacks those ops, at::mm / at::addmm into a scratch buffer.
+class Linear {
  public:
-  StepProduct(const at::Tensor& w, int64_t batch) : w_t_(w.t()) {
+  Linear(const at::Tensor& w, const std::optional<at::Tensor>& bias, int64_t rows) : w_t_(w.t()), bias_(bias) {
     static const auto ops = find_onednn_ops();
     if (w.is_cpu() && w.scalar_type() == at::kFloat && ops.has_value()) {
       try {  // a torch whose ops changed signature gets at::mm, not an error
-        packed_ = ops->first.typed<at::Tensor(const at::Tensor&, std::optional<int64_t>)>().call(w.contiguous(), batch);
+        packed_ = ops->first.typed<at::Tensor(const at::Tensor&, std::optional<int64_t>)>().call(w.contiguous(), rows);
         linear_ = ops->second;
         return;
       } catch (const c10::Error&) {
       }
     }
-    scratch_ = at::empty({batch, w.size(0)}, w.options());
+    scratch_ = at::empty({rows, w.size(0)}, w.options());
   }
 
   at::Tensor operator()(const at::Tensor& x) {
     if (!linear_.has_value()) {
       auto out = scratch_.narrow(0, 0, x.size(0));
-      at::mm_out(out, x, w_t_);
-      return out;
+      return bias_.has_value() ? at::addmm_out(out, *bias_, x, w_t_) : at::mm_out(out, x, w_t_);
     }
-    torch::jit::Stack stack{x.contiguous(), packed_, c10::IValue(), c10::IValue("none"),
-                            c10::List<std::optional<at::Scalar>>(), c10::IValue()};
+    torch::jit::Stack stack{x.contiguous(), packed_, bias_.has_value() ? c10::IValue(*bias_) : c10::IValue(),
+                            c10::IValue("none"), c10::List<std::optional<at::Scalar>>(), c10::IValue()};
     linear_->callBoxed(stack);
     return stack[0].toTensor();
   }
@@ -133,27 +140,48 @@ class StepProduct {
   }
 
   at::Tensor w_t_, packed_, scratch_;
+  std::optional<at::Tensor> bias_;
   std::optional<c10::OperatorHandle> linear_;
 };
+
+// a b for the gradients' GEMMs over all steps (long K, operands transposed views). On CPU in float32 through
+// oneDNN's matmul, which reads transposed operands in place (~1.2-1.4x at::mm's MKL rate on the EPYC above). It
+// refuses CPUs without AVX-512 (or a torch built without oneDNN); at::mm from then on.
+at::Tensor gemm(const at::Tensor& a, const at::Tensor& b) {
+  static std::atomic<bool> onednn{at::hasMKLDNN()};
+  if (a.is_cpu() && a.scalar_type() == at::kFloat && onednn.load()) {
+    auto out = at::empty({a.size(0), b.size(1)}, a.options());
+    try {
+      at::native::mkldnn_matmul(a, b, out, /*beta=*/0.0f, /*alpha=*/1.0f);
+      return out;
+    } catch (const c10::Error&) {
+      onednn.store(false);
+    }
+  }
+  return at::mm(a, b);
+}
 
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 }  // namespace
 
-LstmForward lstm_layer_forward(const at::Tensor& gates_x, const at::Tensor& h0, const at::Tensor& c0,
-                               const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
-                               const std::optional<at::Tensor>& batch_sizes, bool reverse, bool save) {
-  const auto acc = acc_type(gates_x.scalar_type());
-  const bool same = gates_x.scalar_type() == acc;
+LstmForward lstm_layer_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
+                               const at::Tensor& w_ih, const at::Tensor& w_hh, const std::optional<at::Tensor>& bias,
+                               const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& batch_sizes,
+                               bool reverse, bool save) {
+  const auto acc = acc_type(x.scalar_type());
+  const bool same = x.scalar_type() == acc;
   const bool proj_on = w_hr.has_value();
   const int64_t hidden = c0.size(1), proj = h0.size(1), batch = h0.size(0);
-  const auto lead = gates_x.sizes().slice(0, gates_x.dim() - 1);
-  const auto gx = gates_x.reshape({-1, 4 * hidden}).to(acc).contiguous();
-  const int64_t rows = gx.size(0);
-  const auto plan = make_schedule(batch_sizes, gates_x.size(0), batch, reverse);
+  const auto lead = x.sizes().slice(0, x.dim() - 1);
+  const auto x_rows = x.reshape({-1, x.size(-1)});
+  const int64_t rows = x_rows.size(0);
+  // In x's dtype (tensor cores for half types on a GPU), as torch's F.linear before an LSTM.
+  const auto gx = Linear(w_ih, bias, rows)(x_rows).to(acc).contiguous();
+  const auto plan = make_schedule(batch_sizes, x.size(0), batch, reverse);
   const auto acc_rows = [&](int64_t n, int64_t width) { return at::empty({n, width}, gx.options()); };
 
-  auto out = at::empty({rows, proj}, gates_x.options());
+  auto out = at::empty({rows, proj}, x.options());
   // Saved: every step's rows. Not saved (no backward will run): one step's worth, the cell states alternating
   // between two buffers, and each row's last c copied out when it ends.
   auto gates = acc_rows(save ? rows : batch, 4 * hidden);
@@ -162,7 +190,7 @@ LstmForward lstm_layer_forward(const at::Tensor& gates_x, const at::Tensor& h0, 
   auto c_last = save ? at::Tensor() : acc_rows(batch, hidden);
   // o * tanh(c) when it is neither kept in rs nor the output itself (a low-precision out).
   auto r_scratch = (!proj_on && !same) ? acc_rows(batch, hidden) : at::Tensor();
-  StepProduct recurrent(w_hh.to(acc), batch);
+  Linear recurrent(w_hh.to(acc), std::nullopt, batch);
   const auto w_hr_t = proj_on ? w_hr->to(acc).t() : at::Tensor();
   const auto c0_acc = c0.to(acc).contiguous();
 
@@ -210,10 +238,10 @@ LstmForward lstm_layer_forward(const at::Tensor& gates_x, const at::Tensor& h0, 
 }
 
 LstmBackward lstm_layer_backward(const at::Tensor& d_out, const at::Tensor& d_hn, const at::Tensor& d_cn,
-                                 const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh,
-                                 const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& batch_sizes,
-                                 bool reverse, const at::Tensor& out, const at::Tensor& gates, const at::Tensor& cs,
-                                 const at::Tensor& rs) {
+                                 const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
+                                 const at::Tensor& w_ih, const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
+                                 const std::optional<at::Tensor>& batch_sizes, bool reverse, const at::Tensor& out,
+                                 const at::Tensor& gates, const at::Tensor& cs, const at::Tensor& rs) {
   const auto acc = gates.scalar_type();
   const int64_t hidden = c0.size(1), proj = h0.size(1), batch = h0.size(0);
   const auto g_all = gates.reshape({-1, 4 * hidden}).contiguous();
@@ -226,7 +254,7 @@ LstmBackward lstm_layer_backward(const at::Tensor& d_out, const at::Tensor& d_hn
   const auto d_hn_acc = d_hn.to(acc);
   const auto c0_acc = c0.to(acc).contiguous();
   const auto w = w_hh.to(acc);
-  StepProduct feedback(w.t(), batch);  // d_gates W_hh: what a step's gates pass back to the h they read
+  Linear feedback(w.t(), std::nullopt, batch);  // d_gates W_hh: what a step's gates pass back to the h they read
   const auto w_r = w_hr.has_value() ? w_hr->to(acc) : at::Tensor();
   auto d_gates = at::empty({rows, 4 * hidden}, g_all.options());
   // dL/dh of every row: kept whole for dW_hr with a projection, one step's worth otherwise.
@@ -255,11 +283,14 @@ LstmBackward lstm_layer_backward(const at::Tensor& d_out, const at::Tensor& d_hn
     next = s;
   }
   const auto h_prev = at::cat({out_all, h0}).index_select(0, index(plan.previous, out.device())).to(acc);
-  auto dw_hh = at::mm(d_gates.t(), h_prev);
-  auto dh0 = at::mm(d_gates.index_select(0, index(plan.first, out.device())), w).to(h0.scalar_type());
-  auto dw_hr = w_hr.has_value() ? at::mm(d_h.t(), rs.reshape({-1, hidden})) : at::empty({0}, g_all.options());
-  auto d_gates_x = d_gates.to(out.scalar_type()).view(gates.sizes());
-  return {d_gates_x, dh0, dc.to(c0.scalar_type()), dw_hh, dw_hr};
+  auto dw_hh = gemm(d_gates.t(), h_prev);
+  auto dh0 = gemm(d_gates.index_select(0, index(plan.first, out.device())), w).to(h0.scalar_type());
+  auto dw_hr = w_hr.has_value() ? gemm(d_h.t(), rs.reshape({-1, hidden})) : at::empty({0}, g_all.options());
+  // The input projection's gradients.
+  const auto x_rows = x.reshape({-1, x.size(-1)}).to(acc);
+  auto dx = gemm(d_gates, w_ih.to(acc)).to(x.scalar_type()).view(x.sizes());
+  auto dw_ih = gemm(d_gates.t(), x_rows);
+  return {dx, dh0, dc.to(c0.scalar_type()), dw_ih, dw_hh, d_gates.sum(0), dw_hr};
 }
 
 }  // namespace fastenc

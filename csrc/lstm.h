@@ -1,7 +1,7 @@
-// One LSTM layer in one direction: the sequence driver (lstm.cpp, device-neutral: the time loop in C++, per-step
-// GEMMs through ATen, i.e. MKL/oneDNN on CPU and cuBLAS on CUDA) and the fused pointwise cell of one step, per
-// device (cpu/lstm.cpp, cuda/lstm.cu). The contract is fastenc/ops/lstm.py's; the argument checks run once, in
-// fastenc.cpp.
+// One LSTM layer in one direction: the sequence driver (lstm.cpp, device-neutral: the input projection, the time
+// loop in C++ and the weight gradients, GEMMs through oneDNN on CPU and cuBLAS on CUDA) and the fused pointwise
+// cell of one step, per device (cpu/lstm.cpp, cuda/lstm.cu). The contract is fastenc/ops/lstm.py's; the argument
+// checks run once, in fastenc.cpp.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -12,19 +12,21 @@
 namespace fastenc {
 
 using LstmForward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-using LstmBackward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using LstmBackward =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // -> (out, h_n, c_n, gates, cs, rs); with save false (no backward will run) the last three are empty.
-LstmForward lstm_layer_forward(const at::Tensor& gates_x, const at::Tensor& h0, const at::Tensor& c0,
-                               const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
-                               const std::optional<at::Tensor>& batch_sizes, bool reverse, bool save);
+LstmForward lstm_layer_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
+                               const at::Tensor& w_ih, const at::Tensor& w_hh, const std::optional<at::Tensor>& bias,
+                               const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& batch_sizes,
+                               bool reverse, bool save);
 
-// -> (d_gates_x, dh0, dc0, dw_hh, dw_hr)
+// -> (dx, dh0, dc0, dw_ih, dw_hh, d_bias, dw_hr)
 LstmBackward lstm_layer_backward(const at::Tensor& d_out, const at::Tensor& d_hn, const at::Tensor& d_cn,
-                                 const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh,
-                                 const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& batch_sizes,
-                                 bool reverse, const at::Tensor& out, const at::Tensor& gates, const at::Tensor& cs,
-                                 const at::Tensor& rs);
+                                 const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
+                                 const at::Tensor& w_ih, const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
+                                 const std::optional<at::Tensor>& batch_sizes, bool reverse, const at::Tensor& out,
+                                 const at::Tensor& gates, const at::Tensor& cs, const at::Tensor& rs);
 
 // The cells work on n contiguous rows of float32 / float64 tensors (H = hidden size).
 // forward: from hw = h_{t-1} W_hh^T and the step's rows of gates_x (both (n, 4H)) writes `gates`, the

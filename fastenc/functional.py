@@ -289,7 +289,8 @@ def lstm_layer(
     length; output is then packed the same way). h0: (B, P), c0: (B, H) or None for zeros, where H is the hidden
     size (weight_ih is (4H, input_size), gates i, f, g, o) and P the projection size (weight_hr (P, H)) or H.
     reverse=True runs the sequence backwards (the second direction of a bidirectional LSTM).
-    The input projection of all steps is one GEMM in torch; the recurrence is the fused op fastenc::lstm_layer.
+    The layer is the fused op fastenc::lstm_layer: the input projection of all steps as one GEMM, then the
+    recurrence.
     Under autocast the layer runs in the autocast dtype, as torch's LSTM does.
     """
     if not isinstance(input, Tensor) or input.dtype not in _FLOAT_DTYPES:
@@ -325,24 +326,7 @@ def lstm_layer(
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (
         input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr))
     backend = backends.select("lstm", input.device.type)
-    gates_x = _lstm_input_projection(input, weight_ih, bias, fast=backend == "native" and not save)
     out, h_n, c_n, *_ = torch.ops.fastenc.lstm_layer(
-        gates_x, h0, c0, weight_hh, weight_hr, batch_sizes, bool(reverse), save, backend
+        input, h0, c0, weight_ih, weight_hh, bias, weight_hr, batch_sizes, bool(reverse), save, backend
     )
     return out, h_n, c_n
-
-
-# torch's oneDNN ops (registered for its own compiler), where this torch has them.
-_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-def _lstm_input_projection(input: Tensor, weight: Tensor, bias: Tensor | None, fast: bool) -> Tensor:
-    """F.linear; with `fast` (native backend, no gradient) on CPU in float32, through oneDNN's GEMM: on the AMD EPYC
-    we measured, the MKL sgemm behind F.linear ran at about 2/3 of oneDNN's rate (csrc/lstm.cpp's per-step GEMM
-    goes through oneDNN too). Not while compiling: the packed weight is an opaque oneDNN tensor."""
-    if not (fast and _ONEDNN_LINEAR and input.device.type == "cpu" and input.dtype == torch.float32
-            and not torch.compiler.is_compiling()):
-        return torch.nn.functional.linear(input, weight, bias)
-    rows = input.reshape(-1, input.shape[-1])
-    packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows.shape[0])
-    return torch.ops.mkldnn._linear_pointwise(rows, packed, bias, "none", [], "").reshape(*input.shape[:-1], -1)

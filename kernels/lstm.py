@@ -1,15 +1,15 @@
 """One LSTM layer in one direction in Triton: a fused cell kernel per time step, forward and backward.
 
-Contract: fastenc/ops/lstm.py. The input projection for all steps is one GEMM done before (gates_x); what is left
-is inherently sequential, so the launcher walks the steps and launches one fused kernel per step:
+Contract: fastenc/ops/lstm.py. The input projection for all steps is one GEMM done first, in torch (gates_x); what
+is left is inherently sequential, so the launcher walks the steps and launches one fused kernel per step:
   forward   gates = gates_x[t] + h_{t-1} @ W_hh^T; i, f, g, o; c_t = f c_{t-1} + i g; h_t = o tanh(c_t)
             A program owns a (batch tile x hidden tile) and computes the four gate slices of its hidden tile, so
             the recurrent product, the nonlinearities and the cell update never leave the chip. With a projection
             the cell writes r_t = o tanh(c_t) and a second kernel forms h_t = r_t @ W_hr^T (every h_t column needs
             every r_t column, which a hidden tile does not have).
   backward  dh_t = dout_t + da_{t+1} @ W_hh (or dh_n for a row whose last step this is), then the gate
-            gradients da_t and the cell chain dc_{t-1} = dc_t f_t in the same kernel. The weight gradients are one
-            GEMM each over all steps afterwards (torch), from the saved h_{t-1} rows and da.
+            gradients da_t and the cell chain dc_{t-1} = dc_t f_t in the same kernel. The weight gradients and dx are
+            one GEMM each over all steps afterwards (torch), from x, the saved h_{t-1} rows and da.
 Nothing is carried between launches in registers: a step reads h_{t-1} from the previous step's output rows (or h0
 for rows that were not active then) and c_{t-1} from the saved cell states, so the per-step kernels need no
 double-buffered state and no inter-program synchronisation. Math in float32; h is stored in the input dtype
@@ -213,9 +213,10 @@ def _check_dtype(dtype: torch.dtype) -> None:
         raise TypeError("the triton lstm supports float16, bfloat16 and float32; use the reference for float64")
 
 
-def lstm_layer_forward(gates_x, h0, c0, w_hh, w_hr, batch_sizes, reverse, save):
+def lstm_layer_forward(x, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse, save):
     # save=False still stores every step (the op drops the saved tensors).
-    _check_dtype(gates_x.dtype)
+    _check_dtype(x.dtype)
+    gates_x = torch.nn.functional.linear(x, w_ih, bias)  # every step's input projection, one GEMM
     hidden, proj, batch = c0.shape[1], h0.shape[1], h0.shape[0]
     lead = gates_x.shape[:-1]
     gx = gates_x.reshape(-1, 4 * hidden).contiguous()
@@ -255,7 +256,7 @@ def lstm_layer_forward(gates_x, h0, c0, w_hh, w_hr, batch_sizes, reverse, save):
             rs.reshape(*lead, hidden) if w_hr is not None else rs)
 
 
-def lstm_layer_backward(d_out, d_hn, d_cn, h0, c0, w_hh, w_hr, batch_sizes, reverse, out, gates, cs, rs):
+def lstm_layer_backward(d_out, d_hn, d_cn, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, reverse, out, gates, cs, rs):
     hidden, proj, batch = c0.shape[1], h0.shape[1], h0.shape[0]
     lead = gates.shape[:-1]
     gates, cs = gates.reshape(-1, 4 * hidden).contiguous(), cs.reshape(-1, hidden).contiguous()
@@ -305,4 +306,6 @@ def lstm_layer_backward(d_out, d_hn, d_cn, h0, c0, w_hh, w_hr, batch_sizes, reve
     dw_hh = d_gates.t() @ torch.cat([out, h0]).float()[previous]
     dh0 = (d_gates[first] @ w_hh.float()).to(h0.dtype)
     dw_hr = d_h.t() @ rs.reshape(-1, hidden) if w_hr is not None else d_gates.new_empty(0)
-    return d_gx.reshape(*lead, 4 * hidden), dh0, dc.to(c0.dtype), dw_hh, dw_hr
+    dx = (d_gx @ w_ih).reshape(x.shape)  # the projection's gradients: one GEMM each over all steps
+    dw_ih = d_gates.t() @ x.reshape(-1, x.shape[-1]).float()
+    return dx, dh0, dc.to(c0.dtype), dw_ih, dw_hh, d_gates.sum(0), dw_hr

@@ -191,18 +191,19 @@ def test_reference_backward_is_autograds(reverse, proj, packed):
     rnd = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
     p = proj or HIDDEN
     batch_sizes = torch.tensor([3, 3, 2, 1]) if packed else None
-    gates_x = rnd(9, 4 * HIDDEN) if packed else rnd(STEPS, BATCH, 4 * HIDDEN)
-    inputs = [gates_x, rnd(BATCH, p), rnd(BATCH, HIDDEN), rnd(4 * HIDDEN, p) * 0.5, rnd(p, HIDDEN) if proj else None]
+    x = rnd(9, INPUT) if packed else rnd(STEPS, BATCH, INPUT)
+    inputs = [x, rnd(BATCH, p), rnd(BATCH, HIDDEN), rnd(4 * HIDDEN, INPUT) * 0.5, rnd(4 * HIDDEN, p) * 0.5,
+              rnd(4 * HIDDEN), rnd(p, HIDDEN) if proj else None]
     leaves = [t if t is None else t.requires_grad_() for t in inputs]
     outs = reference.lstm_layer_forward(*leaves, batch_sizes, reverse, True)
     grads_out = [rnd(*t.shape) for t in outs[:3]]
     wanted = [t for t in leaves if t is not None]
     expected = torch.autograd.grad(outs[:3], wanted, grads_out)
+    x, h0, c0, w_ih, w_hh, _, w_hr = [t if t is None else t.detach() for t in leaves]
     saved = [t.detach() for t in outs]
-    got = reference.lstm_layer_backward(*grads_out, *[t.detach() for t in wanted[1:4]],
-                                        None if not proj else wanted[4].detach(), batch_sizes, reverse,
-                                        saved[0], *saved[3:])
-    for name, a, e in zip(["d gates_x", "dh0", "dc0", "dw_hh", "dw_hr"], got, expected):
+    got = reference.lstm_layer_backward(*grads_out, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, reverse, saved[0],
+                                        *saved[3:])
+    for name, a, e in zip(["dx", "dh0", "dc0", "dw_ih", "dw_hh", "d_bias", "dw_hr"], got, expected):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
 
 
@@ -211,9 +212,9 @@ def _op_args(device, proj, packed, reverse, save, backend, seed=7):
     rnd = lambda *shape: torch.randn(*shape, generator=g).to(device)  # noqa: E731
     p = proj or HIDDEN
     batch_sizes = torch.tensor([3, 2, 2]) if packed else None
-    gates_x = rnd(7, 4 * HIDDEN) if packed else rnd(3, BATCH, 4 * HIDDEN)
-    return (gates_x, rnd(BATCH, p), rnd(BATCH, HIDDEN), rnd(4 * HIDDEN, p), rnd(p, HIDDEN) if proj else None,
-            batch_sizes, reverse, save, backend)
+    x = rnd(7, INPUT) if packed else rnd(3, BATCH, INPUT)
+    return (x, rnd(BATCH, p), rnd(BATCH, HIDDEN), rnd(4 * HIDDEN, INPUT), rnd(4 * HIDDEN, p), rnd(4 * HIDDEN),
+            rnd(p, HIDDEN) if proj else None, batch_sizes, reverse, save, backend)
 
 
 @pytest.mark.parametrize("proj,packed,reverse,save", [(0, False, False, True), (3, True, True, True),

@@ -1,29 +1,33 @@
 """fastenc::lstm_layer: one LSTM layer in one direction as a torch.library custom op, one autograd for all backends.
 
-The caller does the input projection of every step as one GEMM in torch (gates_x = x @ W_ih^T + b_ih + b_hh), so
-autograd through that GEMM gives dx, dW_ih and the biases from d gates_x; the op is the recurrence only.
+The op is the whole layer: the input projection of every step (one GEMM, gates_x = x @ W_ih^T + bias) and the
+recurrence; so each backend computes the projection's gradients (dx, dW_ih, d bias) with the GEMMs it runs fastest
+(the native CPU backend through oneDNN, which torch's own matmul does not use for float32).
 Gate order i, f, g, o (torch's). P = proj_size if W_hr is given, else H.
 
 Contract every implementation follows (reference, kernels/lstm.py, fastenc._C from csrc/lstm.cpp):
-  lstm_layer_forward(gates_x, h0, c0, w_hh, w_hr, batch_sizes, reverse, save) -> (out, h_n, c_n, gates, cs, rs)
-      gates_x: (T, B, 4H) with batch_sizes None, or (N, 4H) packed as PackedSequence.data with batch_sizes (T,)
-      int64 on the CPU (non-increasing, batch_sizes[0] = B, sum N): at step t only the first batch_sizes[t] rows
-      are active, the others keep their state. Step t's rows are the flat rows offset_t .. offset_t + n_t either
-      way. reverse: the steps run T-1 .. 0 (in a packed batch the active rows then grow; a row starts from h0 / c0
-      at its last time step).
-      h0: (B, P), c0: (B, H), w_hh: (4H, P), w_hr: (P, H) or None; all in gates_x's dtype.
-      out: gates_x's leading shape x P, in gates_x's dtype (h_t = W_hr (o * tanh c_t), or o * tanh c_t).
+  lstm_layer_forward(x, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse, save)
+      -> (out, h_n, c_n, gates, cs, rs)
+      x: (T, B, I) with batch_sizes None, or (N, I) packed as PackedSequence.data with batch_sizes (T,) int64 on
+      the CPU (non-increasing, batch_sizes[0] = B, sum N): at step t only the first batch_sizes[t] rows are active,
+      the others keep their state. Step t's rows are the flat rows offset_t .. offset_t + n_t either way.
+      reverse: the steps run T-1 .. 0 (in a packed batch the active rows then grow; a row starts from h0 / c0 at its
+      last time step).
+      h0: (B, P), c0: (B, H), w_ih: (4H, I), w_hh: (4H, P), bias: (4H,) (b_ih + b_hh) or None, w_hr: (P, H) or None;
+      all in x's dtype. gates_x = x @ w_ih^T + bias is computed in x's dtype.
+      out: x's leading shape x P, in x's dtype (h_t = W_hr (o * tanh c_t), or o * tanh c_t).
       h_n: (B, P), c_n: (B, H): each row's state after its last processed step, in h0's / c0's dtype.
       Saved for the backward, in float32 (float64 for float64 input): gates (leading x 4H, i f g o after their
       nonlinearities), cs (leading x H, every c_t), rs (leading x H, every o * tanh c_t; empty without w_hr).
       A step reads h_{t-1} from the stored out (in its dtype) and c_{t-1} from cs.
       save=False (no backward will run: inference): gates, cs and rs are not wanted. An implementation may skip
       storing them (the native one keeps one step's worth); the op returns them empty either way.
-  lstm_layer_backward(d_out, d_hn, d_cn, h0, c0, w_hh, w_hr, batch_sizes, reverse, out, gates, cs, rs)
-      -> (d_gates_x, dh0, dc0, dw_hh, dw_hr)
-      d_gates_x like gates_x (out's dtype); dh0 / dc0 in h0's / c0's dtype; dw_hh (4H, P) and dw_hr (P, H, or
-      empty without w_hr) in the saved dtype (the op rounds them to the weights' dtype). dw_hh is one GEMM over all
-      steps, d gates^T @ (the h each step started from).
+  lstm_layer_backward(d_out, d_hn, d_cn, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, reverse, out, gates, cs, rs)
+      -> (dx, dh0, dc0, dw_ih, dw_hh, d_bias, dw_hr)
+      dx like x; dh0 / dc0 in h0's / c0's dtype; dw_ih (4H, I), dw_hh (4H, P), d_bias (4H,) and dw_hr (P, H, or
+      empty without w_hr) in the saved dtype (the op rounds them to the parameters' dtype). With d_gates the
+      gradients of the preactivations (every step's rows): dx = d_gates @ W_ih, dw_ih = d_gates^T @ x,
+      d_bias = the column sums, dw_hh = d_gates^T @ (the h each step started from); each one GEMM over all steps.
 The ops take the backend's name (from backends.select, in functional); the backward runs the forward's.
 
 Designed for a native implementation to slot in: everything is plain tensors and ints, batch_sizes stays on the
@@ -50,59 +54,63 @@ def _saved_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @torch.library.custom_op("fastenc::lstm_layer", mutates_args=())
 def lstm_layer(
-    gates_x: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, w_hr: Tensor | None, batch_sizes: Tensor | None,
-    reverse: bool, save: bool, backend: str,
+    x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Tensor | None, w_hr: Tensor | None,
+    batch_sizes: Tensor | None, reverse: bool, save: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     impl = backends.implementation("lstm", backend)
-    out, h_n, c_n, *saved = impl.lstm_layer_forward(gates_x, h0, c0, w_hh, w_hr, batch_sizes, reverse, save)
+    out, h_n, c_n, *saved = impl.lstm_layer_forward(x, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse, save)
     if not save:
         saved = [t.new_empty(0) for t in saved]
     return out, h_n, c_n, *saved
 
 
 @lstm_layer.register_fake
-def _(gates_x, h0, c0, w_hh, w_hr, batch_sizes, reverse, save, backend):
-    lead, hidden = gates_x.shape[:-1], c0.shape[1]
-    saved = _saved_dtype(gates_x.dtype)
-    shapes = (gates_x.shape, (*lead, hidden), (*lead, hidden) if w_hr is not None else (0,))
-    return (gates_x.new_empty((*lead, h0.shape[1])), h0.new_empty(h0.shape), c0.new_empty(c0.shape),
-            *(gates_x.new_empty(shape if save else (0,), dtype=saved) for shape in shapes))
+def _(x, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse, save, backend):
+    lead, hidden = x.shape[:-1], c0.shape[1]
+    saved = _saved_dtype(x.dtype)
+    shapes = ((*lead, 4 * hidden), (*lead, hidden), (*lead, hidden) if w_hr is not None else (0,))
+    return (x.new_empty((*lead, h0.shape[1])), h0.new_empty(h0.shape), c0.new_empty(c0.shape),
+            *(x.new_empty(shape if save else (0,), dtype=saved) for shape in shapes))
 
 
 @torch.library.custom_op("fastenc::lstm_layer_backward", mutates_args=())
 def lstm_layer_backward(
-    d_out: Tensor, d_hn: Tensor, d_cn: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, w_hr: Tensor | None,
-    batch_sizes: Tensor | None, reverse: bool, out: Tensor, gates: Tensor, cs: Tensor, rs: Tensor, backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    d_out: Tensor, d_hn: Tensor, d_cn: Tensor, x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
+    w_hr: Tensor | None, batch_sizes: Tensor | None, reverse: bool, out: Tensor, gates: Tensor, cs: Tensor,
+    rs: Tensor, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     impl = backends.implementation("lstm", backend)
-    return impl.lstm_layer_backward(d_out, d_hn, d_cn, h0, c0, w_hh, w_hr, batch_sizes, reverse, out, gates, cs, rs)
+    return impl.lstm_layer_backward(d_out, d_hn, d_cn, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, reverse, out,
+                                    gates, cs, rs)
 
 
 @lstm_layer_backward.register_fake
-def _(d_out, d_hn, d_cn, h0, c0, w_hh, w_hr, batch_sizes, reverse, out, gates, cs, rs, backend):
+def _(d_out, d_hn, d_cn, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, reverse, out, gates, cs, rs, backend):
     dw_hr = gates.new_empty(w_hr.shape if w_hr is not None else (0,))
-    return (out.new_empty(gates.shape), h0.new_empty(h0.shape), c0.new_empty(c0.shape), gates.new_empty(w_hh.shape),
-            dw_hr)
+    return (x.new_empty(x.shape), h0.new_empty(h0.shape), c0.new_empty(c0.shape), gates.new_empty(w_ih.shape),
+            gates.new_empty(w_hh.shape), gates.new_empty(w_ih.shape[0]), dw_hr)
 
 
 def _setup_context(ctx, inputs, output):
-    _, h0, c0, w_hh, w_hr, batch_sizes, ctx.reverse, ctx.save, ctx.backend = inputs
+    x, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, ctx.reverse, ctx.save, ctx.backend = inputs
     out, _, _, gates, cs, rs = output
     ctx.mark_non_differentiable(gates, cs, rs)
-    ctx.save_for_backward(h0, c0, w_hh, w_hr, batch_sizes, out, gates, cs, rs)
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, out, gates, cs, rs)
 
 
 def _backward(ctx, d_out, d_hn, d_cn, *_saved_grads):
     if not ctx.save:
         raise RuntimeError("fastenc::lstm_layer ran with save=False, so it has no backward; pass save=True")
-    h0, c0, w_hh, w_hr, batch_sizes, out, gates, cs, rs = ctx.saved_tensors
+    x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, out, gates, cs, rs = ctx.saved_tensors
     d_out = torch.zeros_like(out) if d_out is None else d_out
     d_hn = torch.zeros_like(h0) if d_hn is None else d_hn
     d_cn = torch.zeros_like(c0) if d_cn is None else d_cn
-    d_gates_x, dh0, dc0, dw_hh, dw_hr = lstm_layer_backward(
-        d_out, d_hn, d_cn, h0, c0, w_hh, w_hr, batch_sizes, ctx.reverse, out, gates, cs, rs, ctx.backend
+    dx, dh0, dc0, dw_ih, dw_hh, d_bias, dw_hr = lstm_layer_backward(
+        d_out, d_hn, d_cn, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, ctx.reverse, out, gates, cs, rs, ctx.backend
     )
-    return (d_gates_x, dh0, dc0, dw_hh.to(w_hh.dtype), None if w_hr is None else dw_hr.to(w_hr.dtype),
+    return (dx, dh0, dc0, dw_ih.to(w_ih.dtype), dw_hh.to(w_hh.dtype),
+            d_bias.to(w_ih.dtype) if ctx.has_bias else None, None if w_hr is None else dw_hr.to(w_hr.dtype),
             None, None, None, None)
 
 

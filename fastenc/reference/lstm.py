@@ -4,7 +4,7 @@ Contract: fastenc/ops/lstm.py. Math in float32 (float64 for float64 input); h_{t
 stored output (in the input dtype), as the kernels do. The backward is explicit because autograd is switched off
 inside a custom op's implementation; tests check it against autograd of `lstm_layer_forward`.
 
-Rows: the input projection `gates_x` is (T, B, 4H), or (N, 4H) packed as PackedSequence.data with `batch_sizes`.
+Rows: the input x is (T, B, I), or (N, I) packed as PackedSequence.data with `batch_sizes`.
 Either way it is handled as N flat rows where step t owns rows off_t .. off_t + n_t (n_t = batch_sizes[t], or B).
 The step processed before t (t - 1, or t + 1 in reverse) is its "previous" step; a row that was not active then
 starts from h0 / c0 (only the reverse direction of a packed batch has such rows after the first step).
@@ -58,15 +58,15 @@ def _previous(states: Tensor, initial: Tensor, off_prev: int, n_prev: int, n: in
     return torch.cat([states[off_prev:off_prev + k], initial[k:n]])
 
 
-def lstm_layer_forward(gates_x, h0, c0, w_hh, w_hr, batch_sizes, reverse, save):
+def lstm_layer_forward(x, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse, save):
     # the saved tensors are computed anyway (save is for implementations that can skip them).
-    acc = _acc_dtype(gates_x.dtype)
+    acc = _acc_dtype(x.dtype)
     hidden, proj = c0.shape[1], h0.shape[1]
-    lead = gates_x.shape[:-1]
-    gx = gates_x.reshape(-1, 4 * hidden).to(acc)
+    lead = x.shape[:-1]
+    gx = torch.nn.functional.linear(x, w_ih, bias).reshape(-1, 4 * hidden).to(acc)
     rows_total = gx.shape[0]
-    plan = _schedule(batch_sizes, gates_x.shape[0], h0.shape[0], reverse)
-    out = gates_x.new_empty(rows_total, proj)
+    plan = _schedule(batch_sizes, x.shape[0], h0.shape[0], reverse)
+    out = x.new_empty(rows_total, proj)
     gates = gx.new_empty(rows_total, 4 * hidden)
     cs = gx.new_empty(rows_total, hidden)
     rs = gx.new_empty(rows_total, hidden) if w_hr is not None else gx.new_empty(0)
@@ -92,7 +92,7 @@ def lstm_layer_forward(gates_x, h0, c0, w_hh, w_hr, batch_sizes, reverse, save):
             rs.reshape(*lead, hidden) if w_hr is not None else rs)
 
 
-def lstm_layer_backward(d_out, d_hn, d_cn, h0, c0, w_hh, w_hr, batch_sizes, reverse, out, gates, cs, rs):
+def lstm_layer_backward(d_out, d_hn, d_cn, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, reverse, out, gates, cs, rs):
     acc = gates.dtype
     hidden, proj = c0.shape[1], h0.shape[1]
     lead = gates.shape[:-1]
@@ -129,5 +129,6 @@ def lstm_layer_backward(d_out, d_hn, d_cn, h0, c0, w_hh, w_hr, batch_sizes, reve
     dw_hh = d_gates.t() @ h_prev
     dh0 = (d_gates[first] @ w).to(h0.dtype)
     dw_hr = d_h.t() @ rs.reshape(-1, hidden) if w_hr is not None else gates.new_empty(0)
-    d_gates_x = d_gates.to(out.dtype).reshape(*lead, 4 * hidden)
-    return d_gates_x, dh0, dc.to(c0.dtype), dw_hh, dw_hr
+    x_rows = x.reshape(-1, x.shape[-1]).to(acc)
+    dx = (d_gates @ w_ih.to(acc)).to(x.dtype).reshape(x.shape)
+    return dx, dh0, dc.to(c0.dtype), d_gates.t() @ x_rows, dw_hh, d_gates.sum(0), dw_hr
