@@ -52,14 +52,13 @@ def _inputs(module, kind, with_hx, device, dtype=torch.float32, steps=STEPS, see
     return tensors if with_hx else tensors[:1]
 
 
-def _run(module, kind, inputs, seed=2):
+def _run(module, kind, inputs, seed=2, lengths=LENGTHS):
     """[output, h_n, c_n, then the gradients of the inputs and of every parameter] for random output gradients."""
     leaves = [t.detach().clone().requires_grad_() for t in inputs]
     params = list(module.parameters())
     x, hx = leaves[0], (tuple(leaves[1:]) or None)
     if kind == "packed":
-        lengths = torch.tensor(LENGTHS)
-        packed = pack_padded_sequence(x, lengths, batch_first=module.batch_first, enforce_sorted=False)
+        packed = pack_padded_sequence(x, torch.tensor(lengths), batch_first=module.batch_first, enforce_sorted=False)
         out, (h_n, c_n) = module(packed, hx)
         out = out.data
     else:
@@ -75,10 +74,10 @@ def _names(module, with_hx):
         f"d {name}" for name, _ in module.named_parameters()]
 
 
-def _check_against_torch(ours, theirs, kind, inputs):
-    got = _run(ours, kind, inputs)
-    want = _run(theirs, kind, inputs)
-    exact = _run(copy.deepcopy(theirs).double(), kind, [t.double() for t in inputs])
+def _check_against_torch(ours, theirs, kind, inputs, lengths=LENGTHS):
+    got = _run(ours, kind, inputs, lengths=lengths)
+    want = _run(theirs, kind, inputs, lengths=lengths)
+    exact = _run(copy.deepcopy(theirs).double(), kind, [t.double() for t in inputs], lengths=lengths)
     compare_with_oracle(_names(ours, len(inputs) > 1), got, want, exact)
     return got
 
@@ -160,6 +159,30 @@ def test_full_size_on_a_compiled_backend(lstm_backend):
             exact = copy.deepcopy(theirs).double()(inputs[0].double(), tuple(t.double() for t in inputs[1:]))
         flat = lambda result: [result[0], *result[1]]  # noqa: E731
         compare_with_oracle(["output", "h_n", "c_n"], flat(got), flat(want), flat(exact))
+    assert backends.last_used()["lstm"] == name
+
+
+def test_packed_wide_batch_on_a_compiled_backend(lstm_backend):
+    """A packed batch of 33 unsorted lengths, bidirectional, projection off and on, training and inference: wide
+    enough for the native CPU LSTM's joint step (batch >= 32), where the reverse direction's late-starting rows
+    take h0 in the middle of the sequence."""
+    name, device = lstm_backend
+    if device == "cpu" and name != "native":
+        pytest.skip(f"runs on compiled kernels only; {name} on CPU is covered by the small cases")
+    lengths = torch.randint(1, 13, (33,), generator=torch.Generator().manual_seed(5)).tolist()
+    for proj in (0, 5):
+        ours, theirs = _modules(device, input_size=7, hidden=9, bidirectional=True, proj_size=proj)
+        inputs = _inputs(theirs, "packed", True, device, steps=max(lengths), batch=33)
+        _check_against_torch(ours, theirs, "packed", inputs, lengths)
+        def infer(module, dtype):
+            x, *hx = (t.to(dtype) for t in inputs)
+            with torch.no_grad():
+                out, (h_n, c_n) = module(pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=False),
+                                         tuple(hx))
+            return [out.data, h_n, c_n]
+
+        compare_with_oracle(["output", "h_n", "c_n"], infer(ours, torch.float32), infer(theirs, torch.float32),
+                            infer(copy.deepcopy(theirs).double(), torch.float64))
     assert backends.last_used()["lstm"] == name
 
 

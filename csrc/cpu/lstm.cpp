@@ -65,14 +65,23 @@ FASTENC_INLINE double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 FASTENC_INLINE double tanh_of(double x) { return std::tanh(x); }
 
 // Every loop below runs over distinct contiguous arrays, the shape gcc vectorises.
-// y = sigmoid(a + b), y = tanh(a + b): the recurrent product plus the input projection, activated.
+// y = sigmoid(a + b), y = tanh(a + b): the recurrent product plus the input projection, activated; y = sigmoid(a),
+// tanh(a) where b is null (the joint step's product holds both).
 template <typename T>
 FASTENC_INLINE void add_sigmoid(const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ y, int64_t n) {
+  if (b == nullptr) {
+    for (int64_t j = 0; j < n; ++j) y[j] = sigmoid(a[j]);
+    return;
+  }
   for (int64_t j = 0; j < n; ++j) y[j] = sigmoid(a[j] + b[j]);
 }
 
 template <typename T>
 FASTENC_INLINE void add_tanh(const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ y, int64_t n) {
+  if (b == nullptr) {
+    for (int64_t j = 0; j < n; ++j) y[j] = tanh_of(a[j]);
+    return;
+  }
   for (int64_t j = 0; j < n; ++j) y[j] = tanh_of(a[j] + b[j]);
 }
 
@@ -88,11 +97,13 @@ FASTENC_INLINE void cell_state(const T* __restrict__ i, const T* __restrict__ f,
   }
 }
 
+// gx: the row's input gates, or null.
 template <typename T>
 FASTENC_INLINE void forward_row(const T* hw, const T* gx, const T* c_prev, T* gates, T* c, T* r, int64_t hidden) {
-  add_sigmoid(hw, gx, gates, 2 * hidden);  // i, f
-  add_tanh(hw + 2 * hidden, gx + 2 * hidden, gates + 2 * hidden, hidden);  // g
-  add_sigmoid(hw + 3 * hidden, gx + 3 * hidden, gates + 3 * hidden, hidden);  // o
+  const auto input = [&](int64_t gate) { return gx == nullptr ? nullptr : gx + gate * hidden; };
+  add_sigmoid(hw, input(0), gates, 2 * hidden);  // i, f
+  add_tanh(hw + 2 * hidden, input(2), gates + 2 * hidden, hidden);  // g
+  add_sigmoid(hw + 3 * hidden, input(3), gates + 3 * hidden, hidden);  // o
   cell_state(gates, gates + hidden, gates + 2 * hidden, gates + 3 * hidden, c_prev, c, r, hidden);
 }
 
@@ -124,7 +135,7 @@ FASTENC_INLINE void forward_rows_loop(const T* hw, const T* gx, const T* c_prev,
                                       int64_t rows, int64_t hidden) {
   for (int64_t b = 0; b < rows; ++b) {
     const int64_t h = b * hidden;
-    forward_row(hw + 4 * h, gx + 4 * h, c_prev + h, gates + 4 * h, c + h, r + h, hidden);
+    forward_row(hw + 4 * h, gx == nullptr ? nullptr : gx + 4 * h, c_prev + h, gates + 4 * h, c + h, r + h, hidden);
   }
 }
 
@@ -169,19 +180,20 @@ int64_t row_grain(int64_t hidden) { return std::max<int64_t>(1, kGrainElements /
 
 }  // namespace
 
-void lstm_cell_forward_cpu(const at::Tensor& hw, const at::Tensor& gates_x, const at::Tensor& c_prev,
+void lstm_cell_forward_cpu(const at::Tensor& hw, const std::optional<at::Tensor>& gates_x, const at::Tensor& c_prev,
                            at::Tensor& gates, at::Tensor& c, at::Tensor& r) {
   const int64_t rows = gates.size(0), hidden = c.size(1);
   AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "lstm_cell_forward_cpu", [&] {
     const scalar_t* a = hw.data_ptr<scalar_t>();
-    const scalar_t* gx = gates_x.data_ptr<scalar_t>();
+    const scalar_t* gx = gates_x.has_value() ? gates_x->data_ptr<scalar_t>() : nullptr;
     scalar_t* g = gates.data_ptr<scalar_t>();
     const scalar_t* cp = c_prev.data_ptr<scalar_t>();
     scalar_t* cc = c.data_ptr<scalar_t>();
     scalar_t* rr = r.data_ptr<scalar_t>();
     at::parallel_for(0, rows, row_grain(hidden), [&](int64_t begin, int64_t end) {
       const int64_t h = begin * hidden;
-      forward_rows(a + 4 * h, gx + 4 * h, cp + h, g + 4 * h, cc + h, rr + h, end - begin, hidden);
+      forward_rows(a + 4 * h, gx == nullptr ? nullptr : gx + 4 * h, cp + h, g + 4 * h, cc + h, rr + h, end - begin,
+                   hidden);
     });
   });
 }
