@@ -162,6 +162,23 @@ def test_full_size_on_a_compiled_backend(lstm_backend):
     assert backends.last_used()["lstm"] == name
 
 
+@pytest.mark.parametrize("used", ["output", "h_n", "c_n"])
+def test_gradients_through_one_output(lstm_backend, used):
+    """A loss on one of (output, h_n, c_n) only: the op's backward gets None for the others (autograd does not
+    fill zeros for them) and must give torch's gradients."""
+    name, device = lstm_backend
+    ours, theirs = _modules(device, bidirectional=True)
+    x, h0, c0 = _inputs(theirs, "batched", True, device)
+    grads = []
+    for module, dtype in ((ours, torch.float32), (theirs, torch.float32), (copy.deepcopy(theirs).double(),
+                                                                           torch.float64)):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (x, h0, c0)]
+        out, (h_n, c_n) = module(leaves[0], tuple(leaves[1:]))
+        chosen = {"output": out, "h_n": h_n, "c_n": c_n}[used]
+        grads.append(list(torch.autograd.grad((chosen * chosen).sum(), leaves + list(module.parameters()))))
+    compare_with_oracle(_names(ours, True)[3:], *grads)
+
+
 def test_packed_wide_batch_on_a_compiled_backend(lstm_backend):
     """A packed batch of 33 unsorted lengths, bidirectional, projection off and on, training and inference: wide
     enough for the native CPU LSTM's joint step (batch >= 32), where the reverse direction's late-starting rows
