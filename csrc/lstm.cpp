@@ -79,11 +79,11 @@ at::Tensor rows_before(const at::Tensor& prev, const at::Tensor& initial, int64_
   return at::cat({prev.narrow(0, 0, k), initial.narrow(0, k, n - k)});
 }
 
-void cell_forward(const at::Tensor& hw, const std::optional<at::Tensor>& gates_x, const at::Tensor& c_prev,
-                  at::Tensor& gates, at::Tensor& c, at::Tensor& r) {
+void cell_forward(const at::Tensor& hw, const at::Tensor& gates_x, const at::Tensor& c_prev, at::Tensor& gates,
+                  at::Tensor& c, at::Tensor& r) {
   if (hw.is_cuda()) {
 #ifdef FASTENC_WITH_CUDA
-    return lstm_cell_forward_cuda(hw, *gates_x, c_prev, gates, c, r);  // CUDA steps always have gates_x
+    return lstm_cell_forward_cuda(hw, gates_x, c_prev, gates, c, r);
 #endif
   }
   lstm_cell_forward_cpu(hw, gates_x, c_prev, gates, c, r);
@@ -161,8 +161,6 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& b) {
   return at::mm(a, b);
 }
 
-constexpr int64_t kJointMinBatch = 32;
-
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 }  // namespace
@@ -177,26 +175,16 @@ LstmForward lstm_layer_forward(const at::Tensor& x, const at::Tensor& h0, const 
   const int64_t hidden = c0.size(1), proj = h0.size(1), batch = h0.size(0);
   const auto lead = x.sizes().slice(0, x.dim() - 1);
   const auto x_rows = x.reshape({-1, x.size(-1)});
-  const int64_t rows = x_rows.size(0), input = x_rows.size(1);
-  // Joint: on CPU, from a batch of kJointMinBatch rows, each step's GEMM takes [x_t, h_{t-1}] against
-  // [W_ih, W_hh] (+ bias): the same FLOPs as the projection of all steps first, but a larger K per step and no
-  // gates_x to write and read back. Measured at hidden 256 (this layer, inference, against the separate form):
-  // 1.08x at batch 32, 1.2x at 64, no gain at 16; at batch 1 the step GEMM is bound by reading the weights, twice
-  // as many, and the isolated GEMMs ran at 0.8x. On a GPU the projection of all steps first is one wide GEMM off
-  // the sequential path, so that stays.
-  const bool joint = x.is_cpu() && batch >= kJointMinBatch;
-  const auto acc_options = x.options().dtype(acc);
-  at::Tensor gx, steps_in;  // separate: the input gates of all steps; joint: the rows [x_t, h_{t-1}]
-  std::optional<Linear> step_product;
-  if (joint) {
-    steps_in = at::empty({rows, input + proj}, acc_options);
-    steps_in.narrow(1, 0, input).copy_(x_rows);
-    step_product.emplace(at::cat({w_ih, w_hh}, 1).to(acc), bias.has_value() ? bias->to(acc) : bias, batch);
-  } else {
-    // In x's dtype (tensor cores for half types on a GPU), as torch's F.linear before an LSTM.
-    gx = Linear(w_ih, bias, rows)(x_rows).to(acc).contiguous();
-    step_product.emplace(w_hh.to(acc), std::nullopt, batch);
-  }
+  const int64_t rows = x_rows.size(0);
+  // In x's dtype (tensor cores for half types on a GPU), as torch's F.linear before an LSTM.
+  const auto gx = Linear(w_ih, bias, rows)(x_rows).to(acc).contiguous();
+  const auto acc_options = gx.options();
+  // Fused (x86 CPUs with AVX-512, float32, H a multiple of 16): our own step kernel, the recurrent product and the
+  // cell in one pass (cpu/lstm.cpp). Elsewhere a GEMM (oneDNN on CPU, cuBLAS on CUDA), then the cell kernel.
+  const bool fused = lstm_fused_step_cpu_available(w_hh);
+  const auto packed = fused ? lstm_pack_recurrent_cpu(w_hh) : at::Tensor();
+  std::optional<Linear> recurrent;
+  if (!fused) recurrent.emplace(w_hh.to(acc), std::nullopt, batch);
   const auto plan = make_schedule(batch_sizes, x.size(0), batch, reverse);
   const auto acc_rows = [&](int64_t n, int64_t width) { return at::empty({n, width}, acc_options); };
 
@@ -225,12 +213,10 @@ LstmForward lstm_layer_forward(const at::Tensor& x, const at::Tensor& h0, const 
     auto c = cs.narrow(0, c_off, s.n);
     auto y = out.narrow(0, s.off, s.n);
     auto r = proj_on ? step_rows(rs, s.off, s.n) : (same ? y : r_scratch.narrow(0, 0, s.n));
-    if (joint) {
-      auto step_in = steps_in.narrow(0, s.off, s.n);
-      step_in.narrow(1, input, proj).copy_(h_prev);
-      cell_forward((*step_product)(step_in), std::nullopt, c_prev, g, c, r);
+    if (fused) {
+      lstm_step_forward_cpu(h_prev.contiguous(), packed, gx.narrow(0, s.off, s.n), c_prev, g, c, r);
     } else {
-      cell_forward((*step_product)(h_prev.to(acc)), gx.narrow(0, s.off, s.n), c_prev, g, c, r);
+      cell_forward((*recurrent)(h_prev.to(acc)), gx.narrow(0, s.off, s.n), c_prev, g, c, r);
     }
     if (proj_on && same) {
       at::mm_out(y, r, w_hr_t);

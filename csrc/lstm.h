@@ -29,15 +29,20 @@ LstmBackward lstm_layer_backward(const at::Tensor& d_out, const at::Tensor& d_hn
                                  const at::Tensor& gates, const at::Tensor& cs, const at::Tensor& rs);
 
 // The cells work on n contiguous rows of float32 / float64 tensors (H = hidden size).
-// forward: from hw (n, 4H), h_{t-1} W_hh^T, plus the step's rows of gates_x (n, 4H) where given (the CPU's joint
-//          step has them in hw already) writes `gates`, the nonlinearities of i f g o, and c = f * c_prev + i * g
-//          and r = o * tanh(c), both (n, H).
+// forward: from hw = h_{t-1} W_hh^T and the step's rows of gates_x (both (n, 4H)) writes `gates`, the
+//          nonlinearities of i f g o, and c = f * c_prev + i * g and r = o * tanh(c), both (n, H).
 // backward: from the step's gates, c, c_prev, dr = dL/dr (n, H) and dc (n, H) = dL/dc_t from the later steps,
 //           writes d_gates (n, 4H) (gradients of the preactivations) and replaces dc by dL/dc_{t-1}.
-void lstm_cell_forward_cpu(const at::Tensor& hw, const std::optional<at::Tensor>& gates_x, const at::Tensor& c_prev,
+void lstm_cell_forward_cpu(const at::Tensor& hw, const at::Tensor& gates_x, const at::Tensor& c_prev,
                            at::Tensor& gates, at::Tensor& c, at::Tensor& r);
 void lstm_cell_backward_cpu(const at::Tensor& gates, const at::Tensor& c, const at::Tensor& c_prev,
                             const at::Tensor& dr, at::Tensor& dc, at::Tensor& d_gates);
+// The fused CPU step (float32, x86 with AVX-512, H a multiple of 16): h_prev (n, P) W_hh^T and the cell in one
+// pass, W_hh packed once per sequence by lstm_pack_recurrent_cpu; otherwise as lstm_cell_forward_cpu with hw.
+bool lstm_fused_step_cpu_available(const at::Tensor& w_hh);
+at::Tensor lstm_pack_recurrent_cpu(const at::Tensor& w_hh);
+void lstm_step_forward_cpu(const at::Tensor& h_prev, const at::Tensor& packed, const at::Tensor& gates_x,
+                           const at::Tensor& c_prev, at::Tensor& gates, at::Tensor& c, at::Tensor& r);
 #ifdef FASTENC_WITH_CUDA
 void lstm_cell_forward_cuda(const at::Tensor& hw, const at::Tensor& gates_x, const at::Tensor& c_prev,
                             at::Tensor& gates, at::Tensor& c, at::Tensor& r);

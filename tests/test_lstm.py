@@ -136,7 +136,7 @@ def test_long_sequence_error_growth(lstm_backend):
     torch's own float32 error over the sequence."""
     name, device = lstm_backend
     steps = 60 if name == "triton" and device == "cpu" else 1000
-    ours, theirs = _modules(device, seed=3)
+    ours, theirs = _modules(device, seed=3, hidden=16)  # 16: the native CPU backend's fused step
     inputs = _inputs(theirs, "batched", True, device, steps=steps, seed=4)
     got = _check_against_torch(ours, theirs, "batched", inputs)
     assert torch.isfinite(got[0]).all()
@@ -179,18 +179,20 @@ def test_gradients_through_one_output(lstm_backend, used):
     compare_with_oracle(_names(ours, True)[3:], *grads)
 
 
-def test_packed_wide_batch_on_a_compiled_backend(lstm_backend):
-    """A packed batch of 33 unsorted lengths, bidirectional, projection off and on, training and inference: wide
-    enough for the native CPU LSTM's joint step (batch >= 32), where the reverse direction's late-starting rows
-    take h0 in the middle of the sequence."""
+@pytest.mark.parametrize("batch", [1, 4, 33])
+def test_packed_batch_on_a_compiled_backend(lstm_backend, batch):
+    """Packed batches of unsorted lengths, bidirectional, projection off and on, training and inference, at hidden
+    16: the native CPU backend's fused step, whose row tiles (6 rows) end short at every one of these batch sizes,
+    and whose reverse direction takes h0 for rows that start late."""
     name, device = lstm_backend
     if device == "cpu" and name != "native":
         pytest.skip(f"runs on compiled kernels only; {name} on CPU is covered by the small cases")
-    lengths = torch.randint(1, 13, (33,), generator=torch.Generator().manual_seed(5)).tolist()
+    lengths = torch.randint(1, 13, (batch,), generator=torch.Generator().manual_seed(5)).tolist()
     for proj in (0, 5):
-        ours, theirs = _modules(device, input_size=7, hidden=9, bidirectional=True, proj_size=proj)
-        inputs = _inputs(theirs, "packed", True, device, steps=max(lengths), batch=33)
+        ours, theirs = _modules(device, input_size=7, hidden=16, bidirectional=True, proj_size=proj)
+        inputs = _inputs(theirs, "packed", True, device, steps=max(lengths), batch=batch)
         _check_against_torch(ours, theirs, "packed", inputs, lengths)
+
         def infer(module, dtype):
             x, *hx = (t.to(dtype) for t in inputs)
             with torch.no_grad():

@@ -7,6 +7,11 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define FASTENC_FUSED_STEP 1
+#endif
+
 #include <algorithm>
 #include <bit>
 #include <cmath>
@@ -65,23 +70,14 @@ FASTENC_INLINE double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 FASTENC_INLINE double tanh_of(double x) { return std::tanh(x); }
 
 // Every loop below runs over distinct contiguous arrays, the shape gcc vectorises.
-// y = sigmoid(a + b), y = tanh(a + b): the recurrent product plus the input projection, activated; y = sigmoid(a),
-// tanh(a) where b is null (the joint step's product holds both).
+// y = sigmoid(a + b), y = tanh(a + b): the recurrent product plus the input projection, activated.
 template <typename T>
 FASTENC_INLINE void add_sigmoid(const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ y, int64_t n) {
-  if (b == nullptr) {
-    for (int64_t j = 0; j < n; ++j) y[j] = sigmoid(a[j]);
-    return;
-  }
   for (int64_t j = 0; j < n; ++j) y[j] = sigmoid(a[j] + b[j]);
 }
 
 template <typename T>
 FASTENC_INLINE void add_tanh(const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ y, int64_t n) {
-  if (b == nullptr) {
-    for (int64_t j = 0; j < n; ++j) y[j] = tanh_of(a[j]);
-    return;
-  }
   for (int64_t j = 0; j < n; ++j) y[j] = tanh_of(a[j] + b[j]);
 }
 
@@ -97,13 +93,11 @@ FASTENC_INLINE void cell_state(const T* __restrict__ i, const T* __restrict__ f,
   }
 }
 
-// gx: the row's input gates, or null.
 template <typename T>
 FASTENC_INLINE void forward_row(const T* hw, const T* gx, const T* c_prev, T* gates, T* c, T* r, int64_t hidden) {
-  const auto input = [&](int64_t gate) { return gx == nullptr ? nullptr : gx + gate * hidden; };
-  add_sigmoid(hw, input(0), gates, 2 * hidden);  // i, f
-  add_tanh(hw + 2 * hidden, input(2), gates + 2 * hidden, hidden);  // g
-  add_sigmoid(hw + 3 * hidden, input(3), gates + 3 * hidden, hidden);  // o
+  add_sigmoid(hw, gx, gates, 2 * hidden);  // i, f
+  add_tanh(hw + 2 * hidden, gx + 2 * hidden, gates + 2 * hidden, hidden);  // g
+  add_sigmoid(hw + 3 * hidden, gx + 3 * hidden, gates + 3 * hidden, hidden);  // o
   cell_state(gates, gates + hidden, gates + 2 * hidden, gates + 3 * hidden, c_prev, c, r, hidden);
 }
 
@@ -135,7 +129,7 @@ FASTENC_INLINE void forward_rows_loop(const T* hw, const T* gx, const T* c_prev,
                                       int64_t rows, int64_t hidden) {
   for (int64_t b = 0; b < rows; ++b) {
     const int64_t h = b * hidden;
-    forward_row(hw + 4 * h, gx == nullptr ? nullptr : gx + 4 * h, c_prev + h, gates + 4 * h, c + h, r + h, hidden);
+    forward_row(hw + 4 * h, gx + 4 * h, c_prev + h, gates + 4 * h, c + h, r + h, hidden);
   }
 }
 
@@ -176,24 +170,101 @@ void backward_rows(const double* gates, const double* c, const double* c_prev, c
   backward_rows_loop(gates, c, c_prev, dr, dc, d_gates, rows, hidden);
 }
 
+// ---- The fused step (x86 with AVX-512, float32): the recurrent product and the cell in one pass -------------------
+// W_hh is packed once per sequence as [unit block][k][gate][16 units], so the four gate columns of one block of 16
+// units are one contiguous stream. A thread owns whole blocks (at::parallel_for splits the blocks the same way
+// every step), so its share of W_hh stays in its own L2 from step to step, and it runs its units' cell right
+// after their product: one parallel region per step, where the oneDNN step ran the GEMM's region, then the
+// cell's, with a primitive call (~20 us) in between. A tile is 6 rows x 4 gates x 16 units: 24 accumulators,
+// 4 weight vectors and a broadcast in 32 zmm registers.
+constexpr int64_t kBlockUnits = 16, kTileRows = 6;
+
+#ifdef FASTENC_FUSED_STEP
+// One row's cell for one block: pre (4 x 16, the products) + the row's input gates, at column gate * H + unit.
+FASTENC_INLINE void cell_block(const float (*pre)[kBlockUnits], const float* __restrict__ gx,
+                               const float* __restrict__ c_prev, float* __restrict__ gates, float* __restrict__ c,
+                               float* __restrict__ r, int64_t hidden) {
+  for (int64_t j = 0; j < kBlockUnits; ++j) {
+    const float i = sigmoid(pre[0][j] + gx[j]);
+    const float f = sigmoid(pre[1][j] + gx[hidden + j]);
+    const float g = tanh_of(pre[2][j] + gx[2 * hidden + j]);
+    const float o = sigmoid(pre[3][j] + gx[3 * hidden + j]);
+    const float c_t = f * c_prev[j] + i * g;
+    gates[j] = i;
+    gates[hidden + j] = f;
+    gates[2 * hidden + j] = g;
+    gates[3 * hidden + j] = o;
+    c[j] = c_t;
+    r[j] = o * tanh_of(c_t);
+  }
+}
+
+// pre[i] = a[i] (depth) times one block's packed weights (depth x 4 x 16), for the R rows of a tile.
+template <int R>
+__attribute__((target("avx512f"))) void product_tile(const float* const* a, int64_t depth, const float* w_block,
+                                                     float (*pre)[4][kBlockUnits]) {
+  __m512 acc[R][4];
+  for (auto& row : acc) {
+    for (auto& v : row) v = _mm512_setzero_ps();
+  }
+  for (int64_t k = 0; k < depth; ++k) {
+    const float* wk = w_block + k * 4 * kBlockUnits;
+    const __m512 w[4] = {_mm512_load_ps(wk), _mm512_load_ps(wk + kBlockUnits), _mm512_load_ps(wk + 2 * kBlockUnits),
+                         _mm512_load_ps(wk + 3 * kBlockUnits)};
+    for (int i = 0; i < R; ++i) {
+      const __m512 x = _mm512_set1_ps(a[i][k]);
+      for (int gate = 0; gate < 4; ++gate) acc[i][gate] = _mm512_fmadd_ps(x, w[gate], acc[i][gate]);
+    }
+  }
+  for (int i = 0; i < R; ++i) {
+    for (int gate = 0; gate < 4; ++gate) _mm512_store_ps(pre[i][gate], acc[i][gate]);
+  }
+}
+
+// Rows x (one block of 16 units): h_prev (rows x depth) times the block's packed weights, then the cell. The
+// row / unit offsets of gx, c_prev, gates, c and r are the caller's.
+__attribute__((target("avx512f"))) void step_block(const float* h_prev, int64_t rows, int64_t depth,
+                                                   const float* w_block, const float* gx, const float* c_prev,
+                                                   float* gates, float* c, float* r, int64_t hidden) {
+  alignas(64) float pre[kTileRows][4][kBlockUnits];
+  for (int64_t r0 = 0; r0 < rows; r0 += kTileRows) {
+    const int64_t tile = std::min(kTileRows, rows - r0);
+    const float* a[kTileRows];
+    for (int64_t i = 0; i < tile; ++i) a[i] = h_prev + (r0 + i) * depth;
+    switch (tile) {
+      case 1: product_tile<1>(a, depth, w_block, pre); break;
+      case 2: product_tile<2>(a, depth, w_block, pre); break;
+      case 3: product_tile<3>(a, depth, w_block, pre); break;
+      case 4: product_tile<4>(a, depth, w_block, pre); break;
+      case 5: product_tile<5>(a, depth, w_block, pre); break;
+      default: product_tile<kTileRows>(a, depth, w_block, pre);
+    }
+    for (int64_t i = 0; i < tile; ++i) {
+      const int64_t row = r0 + i;
+      cell_block(pre[i], gx + row * 4 * hidden, c_prev + row * hidden, gates + row * 4 * hidden, c + row * hidden,
+                 r + row * hidden, hidden);
+    }
+  }
+}
+#endif
+
 int64_t row_grain(int64_t hidden) { return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(4 * hidden, 1)); }
 
 }  // namespace
 
-void lstm_cell_forward_cpu(const at::Tensor& hw, const std::optional<at::Tensor>& gates_x, const at::Tensor& c_prev,
+void lstm_cell_forward_cpu(const at::Tensor& hw, const at::Tensor& gates_x, const at::Tensor& c_prev,
                            at::Tensor& gates, at::Tensor& c, at::Tensor& r) {
   const int64_t rows = gates.size(0), hidden = c.size(1);
   AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "lstm_cell_forward_cpu", [&] {
     const scalar_t* a = hw.data_ptr<scalar_t>();
-    const scalar_t* gx = gates_x.has_value() ? gates_x->data_ptr<scalar_t>() : nullptr;
+    const scalar_t* gx = gates_x.data_ptr<scalar_t>();
     scalar_t* g = gates.data_ptr<scalar_t>();
     const scalar_t* cp = c_prev.data_ptr<scalar_t>();
     scalar_t* cc = c.data_ptr<scalar_t>();
     scalar_t* rr = r.data_ptr<scalar_t>();
     at::parallel_for(0, rows, row_grain(hidden), [&](int64_t begin, int64_t end) {
       const int64_t h = begin * hidden;
-      forward_rows(a + 4 * h, gx == nullptr ? nullptr : gx + 4 * h, cp + h, g + 4 * h, cc + h, rr + h, end - begin,
-                   hidden);
+      forward_rows(a + 4 * h, gx + 4 * h, cp + h, g + 4 * h, cc + h, rr + h, end - begin, hidden);
     });
   });
 }
@@ -213,6 +284,44 @@ void lstm_cell_backward_cpu(const at::Tensor& gates, const at::Tensor& c, const 
       backward_rows(g + 4 * h, cc + h, cp + h, d + h, dcc + h, dg + 4 * h, end - begin, hidden);
     });
   });
+}
+
+bool lstm_fused_step_cpu_available(const at::Tensor& w_hh) {
+#ifdef FASTENC_FUSED_STEP
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  return avx512 && w_hh.is_cpu() && w_hh.scalar_type() == at::kFloat && (w_hh.size(0) / 4) % kBlockUnits == 0;
+#else
+  return false;
+#endif
+}
+
+at::Tensor lstm_pack_recurrent_cpu(const at::Tensor& w_hh) {
+  const int64_t hidden = w_hh.size(0) / 4, depth = w_hh.size(1);
+  // (4, H/16, 16, P) -> (H/16, P, 4, 16): [unit block][k][gate][unit]
+  return w_hh.reshape({4, hidden / kBlockUnits, kBlockUnits, depth}).permute({1, 3, 0, 2}).contiguous();
+}
+
+void lstm_step_forward_cpu(const at::Tensor& h_prev, const at::Tensor& packed, const at::Tensor& gates_x,
+                           const at::Tensor& c_prev, at::Tensor& gates, at::Tensor& c, at::Tensor& r) {
+#ifdef FASTENC_FUSED_STEP
+  const int64_t rows = h_prev.size(0), depth = h_prev.size(1), hidden = c.size(1), blocks = packed.size(0);
+  const float* a = h_prev.data_ptr<float>();
+  const float* w = packed.data_ptr<float>();
+  const float* gx = gates_x.data_ptr<float>();
+  const float* cp = c_prev.data_ptr<float>();
+  float* g = gates.data_ptr<float>();
+  float* cc = c.data_ptr<float>();
+  float* rr = r.data_ptr<float>();
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t unit = b * kBlockUnits;
+      step_block(a, rows, depth, w + b * depth * 4 * kBlockUnits, gx + unit, cp + unit, g + unit, cc + unit, rr + unit,
+                 hidden);
+    }
+  });
+#else
+  TORCH_CHECK(false, "the fused LSTM step needs an x86 build (lstm_fused_step_cpu_available says so)");
+#endif
 }
 
 }  // namespace fastenc
