@@ -259,11 +259,16 @@ LstmBackward lstm_layer_backward(const at::Tensor& d_out, const at::Tensor& d_hn
   const int64_t rows = g_all.size(0);
   const auto plan = make_schedule(batch_sizes, out.size(0), batch, reverse);
 
-  const auto d_out_acc = d_out.reshape({-1, proj}).to(acc);
-  const auto d_hn_acc = d_hn.to(acc);
+  const auto d_out_acc = d_out.reshape({-1, proj}).to(acc).contiguous();
+  const auto d_hn_acc = d_hn.to(acc).contiguous();
   const auto c0_acc = c0.to(acc).contiguous();
   const auto w = w_hh.to(acc);
-  Linear feedback(w.t(), std::nullopt, batch);  // d_gates W_hh: what a step's gates pass back to the h they read
+  // Fused as the forward's step (cpu/lstm.cpp), where there is no projection; else d_gates W_hh, what a step's
+  // gates pass back to the h they read, as a GEMM, then the cell's backward.
+  const bool fused = !w_hr.has_value() && lstm_fused_step_cpu_available(w_hh);
+  const auto packed = fused ? lstm_pack_feedback_cpu(w) : at::Tensor();
+  std::optional<Linear> feedback;
+  if (!fused) feedback.emplace(w.t(), std::nullopt, batch);
   const auto w_r = w_hr.has_value() ? w_hr->to(acc) : at::Tensor();
   auto d_gates = at::empty({rows, 4 * hidden}, g_all.options());
   // dL/dh of every row: kept whole for dW_hr with a projection, one step's worth otherwise.
@@ -274,22 +279,28 @@ LstmBackward lstm_layer_backward(const at::Tensor& d_out, const at::Tensor& d_hn
   Step next{0, 0, 0, 0};  // the step processed after this one in the forward
   for (auto it = plan.steps.rbegin(); it != plan.steps.rend(); ++it) {
     const Step& s = *it;
-    const int64_t k = std::min(s.n, next.n);
+    const int64_t k = std::min(s.n, next.n), next_off = next.off;  // the rows that go on, and where
+    next = s;
+    const auto c_prev = rows_before(c_all.narrow(0, s.prev_off, s.prev_n), c0_acc, s.n).contiguous();
+    auto dc_rows = dc.narrow(0, 0, s.n);
+    auto dg = d_gates.narrow(0, s.off, s.n);
+    const auto step_gates = g_all.narrow(0, s.off, s.n), step_c = c_all.narrow(0, s.off, s.n);
+    if (fused) {
+      lstm_step_backward_cpu(d_gates.narrow(0, next_off, k), k, d_out_acc.narrow(0, s.off, s.n), d_hn_acc, packed,
+                             step_gates, step_c, c_prev, dc_rows, dg);
+      continue;
+    }
     // A row active at the next step feeds its h into that step's gates; otherwise its h is h_n.
     auto dh = d_h.narrow(0, w_hr.has_value() ? s.off : 0, s.n);
     dh.copy_(d_out_acc.narrow(0, s.off, s.n));
-    if (k > 0) dh.narrow(0, 0, k).add_(feedback(d_gates.narrow(0, next.off, k)));
+    if (k > 0) dh.narrow(0, 0, k).add_((*feedback)(d_gates.narrow(0, next_off, k)));
     if (k < s.n) dh.narrow(0, k, s.n - k).add_(d_hn_acc.narrow(0, k, s.n - k));
     auto dr = dh;
     if (w_hr.has_value()) {
       dr = dr_scratch.narrow(0, 0, s.n);
       at::mm_out(dr, dh, w_r);
     }
-    const auto c_prev = rows_before(c_all.narrow(0, s.prev_off, s.prev_n), c0_acc, s.n).contiguous();
-    auto dc_rows = dc.narrow(0, 0, s.n);
-    auto dg = d_gates.narrow(0, s.off, s.n);
-    cell_backward(g_all.narrow(0, s.off, s.n), c_all.narrow(0, s.off, s.n), c_prev, dr, dc_rows, dg);
-    next = s;
+    cell_backward(step_gates, step_c, c_prev, dr, dc_rows, dg);
   }
   const auto h_prev = at::cat({out_all, h0}).index_select(0, index(plan.previous, out.device())).to(acc);
   auto dw_hh = gemm(d_gates.t(), h_prev);

@@ -246,6 +246,72 @@ __attribute__((target("avx512f"))) void step_block(const float* h_prev, int64_t 
     }
   }
 }
+
+// The backward's step, fused likewise (no projection): dh = d_out + d_gates_{t+1} W_hh for rows that go on to
+// the next step (d_hn for the others), then the cell's backward. A thread owns groups of 64 units (W_hh's
+// columns, packed [group][k = 4H][64], zero-padded to whole groups) and runs both for them: the cell of a unit
+// needs only that unit's dh. A tile is 6 rows x 64 units: 24 accumulators.
+constexpr int64_t kGroupUnits = 64;
+
+// out[i] = a[i] (depth) times one group's packed columns (depth x 64), for the R rows of a tile.
+template <int R>
+__attribute__((target("avx512f"))) void feedback_tile(const float* const* a, int64_t depth, const float* w_group,
+                                                      float (*out)[kGroupUnits]) {
+  __m512 acc[R][4];
+  for (auto& row : acc) {
+    for (auto& v : row) v = _mm512_setzero_ps();
+  }
+  for (int64_t k = 0; k < depth; ++k) {
+    const float* wk = w_group + k * kGroupUnits;
+    const __m512 w[4] = {_mm512_load_ps(wk), _mm512_load_ps(wk + kBlockUnits), _mm512_load_ps(wk + 2 * kBlockUnits),
+                         _mm512_load_ps(wk + 3 * kBlockUnits)};
+    for (int i = 0; i < R; ++i) {
+      const __m512 x = _mm512_set1_ps(a[i][k]);
+      for (int v = 0; v < 4; ++v) acc[i][v] = _mm512_fmadd_ps(x, w[v], acc[i][v]);
+    }
+  }
+  for (int i = 0; i < R; ++i) {
+    for (int v = 0; v < 4; ++v) _mm512_store_ps(out[i] + v * kBlockUnits, acc[i][v]);
+  }
+}
+
+// One group (units unit0 .. unit0 + units) of a backward step over `rows` rows, the first `continuing` of which
+// feed d_gates_next (their rows of the next step) back. All pointers at row 0 / column 0.
+__attribute__((target("avx512f"))) void feedback_group(const float* d_gates_next, int64_t continuing,
+                                                       const float* d_out, const float* d_hn, const float* w_group,
+                                                       const float* gates, const float* c, const float* c_prev,
+                                                       float* dc, float* d_gates, int64_t rows, int64_t hidden,
+                                                       int64_t unit0, int64_t units) {
+  alignas(64) float product[kTileRows][kGroupUnits];
+  alignas(64) float dr[kGroupUnits];
+  const int64_t depth = 4 * hidden;
+  for (int64_t r0 = 0; r0 < rows; r0 += kTileRows) {
+    const int64_t tile = std::min(kTileRows, rows - r0);
+    const int64_t fed = std::clamp<int64_t>(continuing - r0, 0, tile);  // this tile's rows that feed back
+    const float* a[kTileRows];
+    for (int64_t i = 0; i < fed; ++i) a[i] = d_gates_next + (r0 + i) * depth;
+    switch (fed) {
+      case 0: break;
+      case 1: feedback_tile<1>(a, depth, w_group, product); break;
+      case 2: feedback_tile<2>(a, depth, w_group, product); break;
+      case 3: feedback_tile<3>(a, depth, w_group, product); break;
+      case 4: feedback_tile<4>(a, depth, w_group, product); break;
+      case 5: feedback_tile<5>(a, depth, w_group, product); break;
+      default: feedback_tile<kTileRows>(a, depth, w_group, product);
+    }
+    for (int64_t i = 0; i < tile; ++i) {
+      const int64_t row = r0 + i;
+      const float* d_out_row = d_out + row * hidden + unit0;
+      const float* tail = i < fed ? product[i] : d_hn + row * hidden + unit0;  // h_n's gradient where a row ends
+      for (int64_t j = 0; j < units; ++j) dr[j] = d_out_row[j] + tail[j];
+      const float* g = gates + row * 4 * hidden + unit0;
+      float* dg = d_gates + row * 4 * hidden + unit0;
+      backward_gates(g, g + hidden, g + 2 * hidden, g + 3 * hidden, c + row * hidden + unit0,
+                     c_prev + row * hidden + unit0, dr, dc + row * hidden + unit0, dg, dg + hidden, dg + 2 * hidden,
+                     dg + 3 * hidden, units);
+    }
+  }
+}
 #endif
 
 int64_t row_grain(int64_t hidden) { return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(4 * hidden, 1)); }
@@ -317,6 +383,39 @@ void lstm_step_forward_cpu(const at::Tensor& h_prev, const at::Tensor& packed, c
       const int64_t unit = b * kBlockUnits;
       step_block(a, rows, depth, w + b * depth * 4 * kBlockUnits, gx + unit, cp + unit, g + unit, cc + unit, rr + unit,
                  hidden);
+    }
+  });
+#else
+  TORCH_CHECK(false, "the fused LSTM step needs an x86 build (lstm_fused_step_cpu_available says so)");
+#endif
+}
+
+at::Tensor lstm_pack_feedback_cpu(const at::Tensor& w_hh) {
+  const int64_t depth = w_hh.size(0), hidden = w_hh.size(1), groups = (hidden + kGroupUnits - 1) / kGroupUnits;
+  auto padded = at::zeros({depth, groups * kGroupUnits}, w_hh.options());
+  padded.narrow(1, 0, hidden).copy_(w_hh);
+  return padded.view({depth, groups, kGroupUnits}).permute({1, 0, 2}).contiguous();  // [group][k][64 units]
+}
+
+void lstm_step_backward_cpu(const at::Tensor& d_gates_next, int64_t continuing, const at::Tensor& d_out,
+                            const at::Tensor& d_hn, const at::Tensor& packed, const at::Tensor& gates,
+                            const at::Tensor& c, const at::Tensor& c_prev, at::Tensor& dc, at::Tensor& d_gates) {
+#ifdef FASTENC_FUSED_STEP
+  const int64_t rows = gates.size(0), hidden = c.size(1), groups = packed.size(0);
+  const float* next = d_gates_next.data_ptr<float>();
+  const float* dout = d_out.data_ptr<float>();
+  const float* dhn = d_hn.data_ptr<float>();
+  const float* w = packed.data_ptr<float>();
+  const float* g = gates.data_ptr<float>();
+  const float* cc = c.data_ptr<float>();
+  const float* cp = c_prev.data_ptr<float>();
+  float* dcc = dc.data_ptr<float>();
+  float* dg = d_gates.data_ptr<float>();
+  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t group = begin; group < end; ++group) {
+      const int64_t unit0 = group * kGroupUnits;
+      feedback_group(next, continuing, dout, dhn, w + group * 4 * hidden * kGroupUnits, g, cc, cp, dcc, dg, rows,
+                     hidden, unit0, std::min(kGroupUnits, hidden - unit0));
     }
   });
 #else
