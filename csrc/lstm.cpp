@@ -1,7 +1,8 @@
 // The LSTM sequence driver, the same code for CPU and CUDA tensors: the input projection of all steps as one GEMM
 // (gates_x = x W_ih^T + bias), then the whole time loop in C++ (no Python per step), per step one GEMM
 // (h_{t-1} W_hh^T) and one fused pointwise cell (adds the step's input gates, activates, writes the saved gates,
-// updates c and h); in the backward dx and the weight gradients are one GEMM each over all steps after the loop.
+// updates c and h), or on x86 CPUs with AVX-512 one fused step kernel doing both (cpu/lstm.cpp), the backward
+// likewise; in the backward dx and the weight gradients are one GEMM each over all steps after the loop.
 //
 // Rows: x is (T, B, I), or (N, I) packed with batch_sizes; either way N flat rows, step t owning rows
 // off_t .. off_t + n_t. A step reads h_{t-1} from the rows of the step processed before it (out) and c_{t-1} from

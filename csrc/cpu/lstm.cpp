@@ -1,4 +1,6 @@
-// The fused LSTM cell of one step on CPU: rows split over threads, each row's H columns in one vectorised loop.
+// The LSTM's per-step CPU kernels: the fused cell (rows split over threads, each row's H columns in one vectorised
+// loop) after a GEMM, and on x86 with AVX-512 the fused step (the recurrent product and the cell in one pass,
+// forward and backward; below).
 //
 // float32 uses our own exp (below) so the loop vectorises: glibc's expf is a scalar call that gcc will not
 // vectorise without -ffast-math, and a cell is ~5 transcendentals per element, which would cost more than the
