@@ -172,25 +172,28 @@ void backward_rows(const double* gates, const double* c, const double* c_prev, c
   backward_rows_loop(gates, c, c_prev, dr, dc, d_gates, rows, hidden);
 }
 
-// ---- The fused step (x86 with AVX-512, float32): the recurrent product and the cell in one pass -------------------
-// W_hh is packed once per sequence as [unit block][k][gate][16 units], so the four gate columns of one block of 16
-// units are one contiguous stream. A thread owns whole blocks (at::parallel_for splits the blocks the same way
-// every step), so its share of W_hh stays in its own L2 from step to step, and it runs its units' cell right
-// after their product: one parallel region per step, where the oneDNN step ran the GEMM's region, then the
-// cell's, with a primitive call (~20 us) in between. A tile is 6 rows x 4 gates x 16 units: 24 accumulators,
-// 4 weight vectors and a broadcast in 32 zmm registers.
-constexpr int64_t kBlockUnits = 16, kTileRows = 6;
+// ---- The fused steps (x86 with AVX-512, float32): the recurrent product and the cell in one pass ----------------
+// Both directions multiply a step's rows (R of them at a time) by a panel of 64 columns of W_hh, packed once per
+// sequence as [panel][k][64] so that a panel is one contiguous stream: R x 64 outputs are 4R zmm accumulators
+// (R = 6: 24 of the 32 registers, + 4 for the panel's k-th row and 1 broadcast). A thread owns whole panels
+// (at::parallel_for splits them the same way every step), so its share of W_hh stays in its own L2 from step to
+// step, and it runs the cell of its panels' units right after their product: one parallel region per step,
+// where the GEMM path ran the GEMM's region, then the cell's, with a oneDNN call (~20 us) in between.
+// forward: a panel is the 4 gates (i f g o) of 16 units, [k][gate][16]; the cell of those 16 units follows.
+// backward (no projection): a panel is 64 units of dh = d_gates_{t+1} W_hh (k over the 4H gates), zero-padded to
+//           whole panels; the cell's backward of those units follows (a unit's needs only its own dh).
+constexpr int64_t kPanel = 64, kBlockUnits = kPanel / 4, kTileRows = 6;
 
 #ifdef FASTENC_FUSED_STEP
-// One row's cell for one block: pre (4 x 16, the products) + the row's input gates, at column gate * H + unit.
-FASTENC_INLINE void cell_block(const float (*pre)[kBlockUnits], const float* __restrict__ gx,
+// One row's cell for one block: pre (4 gates x 16, the products) + the row's input gates, at column gate * H + unit.
+FASTENC_INLINE void cell_block(const float* __restrict__ pre, const float* __restrict__ gx,
                                const float* __restrict__ c_prev, float* __restrict__ gates, float* __restrict__ c,
                                float* __restrict__ r, int64_t hidden) {
   for (int64_t j = 0; j < kBlockUnits; ++j) {
-    const float i = sigmoid(pre[0][j] + gx[j]);
-    const float f = sigmoid(pre[1][j] + gx[hidden + j]);
-    const float g = tanh_of(pre[2][j] + gx[2 * hidden + j]);
-    const float o = sigmoid(pre[3][j] + gx[3 * hidden + j]);
+    const float i = sigmoid(pre[j] + gx[j]);
+    const float f = sigmoid(pre[kBlockUnits + j] + gx[hidden + j]);
+    const float g = tanh_of(pre[2 * kBlockUnits + j] + gx[2 * hidden + j]);
+    const float o = sigmoid(pre[3 * kBlockUnits + j] + gx[3 * hidden + j]);
     const float c_t = f * c_prev[j] + i * g;
     gates[j] = i;
     gates[hidden + j] = f;
@@ -201,46 +204,52 @@ FASTENC_INLINE void cell_block(const float (*pre)[kBlockUnits], const float* __r
   }
 }
 
-// pre[i] = a[i] (depth) times one block's packed weights (depth x 4 x 16), for the R rows of a tile.
+// out[i] = a[i] (depth) times one packed panel (depth x 64), for the R rows of a tile.
 template <int R>
-__attribute__((target("avx512f"))) void product_tile(const float* const* a, int64_t depth, const float* w_block,
-                                                     float (*pre)[4][kBlockUnits]) {
+__attribute__((target("avx512f"))) void panel_tile(const float* const* a, int64_t depth, const float* panel,
+                                                   float (*out)[kPanel]) {
   __m512 acc[R][4];
   for (auto& row : acc) {
     for (auto& v : row) v = _mm512_setzero_ps();
   }
   for (int64_t k = 0; k < depth; ++k) {
-    const float* wk = w_block + k * 4 * kBlockUnits;
-    const __m512 w[4] = {_mm512_load_ps(wk), _mm512_load_ps(wk + kBlockUnits), _mm512_load_ps(wk + 2 * kBlockUnits),
-                         _mm512_load_ps(wk + 3 * kBlockUnits)};
+    const float* wk = panel + k * kPanel;
+    const __m512 w[4] = {_mm512_load_ps(wk), _mm512_load_ps(wk + 16), _mm512_load_ps(wk + 32),
+                         _mm512_load_ps(wk + 48)};
     for (int i = 0; i < R; ++i) {
       const __m512 x = _mm512_set1_ps(a[i][k]);
-      for (int gate = 0; gate < 4; ++gate) acc[i][gate] = _mm512_fmadd_ps(x, w[gate], acc[i][gate]);
+      for (int v = 0; v < 4; ++v) acc[i][v] = _mm512_fmadd_ps(x, w[v], acc[i][v]);
     }
   }
   for (int i = 0; i < R; ++i) {
-    for (int gate = 0; gate < 4; ++gate) _mm512_store_ps(pre[i][gate], acc[i][gate]);
+    for (int v = 0; v < 4; ++v) _mm512_store_ps(out[i] + 16 * v, acc[i][v]);
   }
 }
 
-// Rows x (one block of 16 units): h_prev (rows x depth) times the block's packed weights, then the cell. The
+// panel_tile for the n (1 .. kTileRows) rows a[0 .. n).
+__attribute__((target("avx512f"))) void panel_rows(int64_t n, const float* const* a, int64_t depth,
+                                                   const float* panel, float (*out)[kPanel]) {
+  switch (n) {
+    case 1: return panel_tile<1>(a, depth, panel, out);
+    case 2: return panel_tile<2>(a, depth, panel, out);
+    case 3: return panel_tile<3>(a, depth, panel, out);
+    case 4: return panel_tile<4>(a, depth, panel, out);
+    case 5: return panel_tile<5>(a, depth, panel, out);
+    default: return panel_tile<kTileRows>(a, depth, panel, out);
+  }
+}
+
+// Rows x (one panel: 16 units' 4 gates): h_prev (rows x depth) times the panel, then the cell of those units. The
 // row / unit offsets of gx, c_prev, gates, c and r are the caller's.
-__attribute__((target("avx512f"))) void step_block(const float* h_prev, int64_t rows, int64_t depth,
-                                                   const float* w_block, const float* gx, const float* c_prev,
+__attribute__((target("avx512f"))) void step_panel(const float* h_prev, int64_t rows, int64_t depth,
+                                                   const float* panel, const float* gx, const float* c_prev,
                                                    float* gates, float* c, float* r, int64_t hidden) {
-  alignas(64) float pre[kTileRows][4][kBlockUnits];
+  alignas(64) float pre[kTileRows][kPanel];
   for (int64_t r0 = 0; r0 < rows; r0 += kTileRows) {
     const int64_t tile = std::min(kTileRows, rows - r0);
     const float* a[kTileRows];
     for (int64_t i = 0; i < tile; ++i) a[i] = h_prev + (r0 + i) * depth;
-    switch (tile) {
-      case 1: product_tile<1>(a, depth, w_block, pre); break;
-      case 2: product_tile<2>(a, depth, w_block, pre); break;
-      case 3: product_tile<3>(a, depth, w_block, pre); break;
-      case 4: product_tile<4>(a, depth, w_block, pre); break;
-      case 5: product_tile<5>(a, depth, w_block, pre); break;
-      default: product_tile<kTileRows>(a, depth, w_block, pre);
-    }
+    panel_rows(tile, a, depth, panel, pre);
     for (int64_t i = 0; i < tile; ++i) {
       const int64_t row = r0 + i;
       cell_block(pre[i], gx + row * 4 * hidden, c_prev + row * hidden, gates + row * 4 * hidden, c + row * hidden,
@@ -249,58 +258,22 @@ __attribute__((target("avx512f"))) void step_block(const float* h_prev, int64_t 
   }
 }
 
-// The backward's step, fused likewise (no projection): dh = d_out + d_gates_{t+1} W_hh for rows that go on to
-// the next step (d_hn for the others), then the cell's backward. A thread owns groups of 64 units (W_hh's
-// columns, packed [group][k = 4H][64], zero-padded to whole groups) and runs both for them: the cell of a unit
-// needs only that unit's dh. A tile is 6 rows x 64 units: 24 accumulators.
-constexpr int64_t kGroupUnits = 64;
-
-// out[i] = a[i] (depth) times one group's packed columns (depth x 64), for the R rows of a tile.
-template <int R>
-__attribute__((target("avx512f"))) void feedback_tile(const float* const* a, int64_t depth, const float* w_group,
-                                                      float (*out)[kGroupUnits]) {
-  __m512 acc[R][4];
-  for (auto& row : acc) {
-    for (auto& v : row) v = _mm512_setzero_ps();
-  }
-  for (int64_t k = 0; k < depth; ++k) {
-    const float* wk = w_group + k * kGroupUnits;
-    const __m512 w[4] = {_mm512_load_ps(wk), _mm512_load_ps(wk + kBlockUnits), _mm512_load_ps(wk + 2 * kBlockUnits),
-                         _mm512_load_ps(wk + 3 * kBlockUnits)};
-    for (int i = 0; i < R; ++i) {
-      const __m512 x = _mm512_set1_ps(a[i][k]);
-      for (int v = 0; v < 4; ++v) acc[i][v] = _mm512_fmadd_ps(x, w[v], acc[i][v]);
-    }
-  }
-  for (int i = 0; i < R; ++i) {
-    for (int v = 0; v < 4; ++v) _mm512_store_ps(out[i] + v * kBlockUnits, acc[i][v]);
-  }
-}
-
-// One group (units unit0 .. unit0 + units) of a backward step over `rows` rows, the first `continuing` of which
+// One panel (units unit0 .. unit0 + units) of a backward step over `rows` rows, the first `continuing` of which
 // feed d_gates_next (their rows of the next step) back. All pointers at row 0 / column 0.
-__attribute__((target("avx512f"))) void feedback_group(const float* d_gates_next, int64_t continuing,
-                                                       const float* d_out, const float* d_hn, const float* w_group,
+__attribute__((target("avx512f"))) void feedback_panel(const float* d_gates_next, int64_t continuing,
+                                                       const float* d_out, const float* d_hn, const float* panel,
                                                        const float* gates, const float* c, const float* c_prev,
                                                        float* dc, float* d_gates, int64_t rows, int64_t hidden,
                                                        int64_t unit0, int64_t units) {
-  alignas(64) float product[kTileRows][kGroupUnits];
-  alignas(64) float dr[kGroupUnits];
+  alignas(64) float product[kTileRows][kPanel];
+  float dr[kPanel];
   const int64_t depth = 4 * hidden;
   for (int64_t r0 = 0; r0 < rows; r0 += kTileRows) {
     const int64_t tile = std::min(kTileRows, rows - r0);
     const int64_t fed = std::clamp<int64_t>(continuing - r0, 0, tile);  // this tile's rows that feed back
     const float* a[kTileRows];
     for (int64_t i = 0; i < fed; ++i) a[i] = d_gates_next + (r0 + i) * depth;
-    switch (fed) {
-      case 0: break;
-      case 1: feedback_tile<1>(a, depth, w_group, product); break;
-      case 2: feedback_tile<2>(a, depth, w_group, product); break;
-      case 3: feedback_tile<3>(a, depth, w_group, product); break;
-      case 4: feedback_tile<4>(a, depth, w_group, product); break;
-      case 5: feedback_tile<5>(a, depth, w_group, product); break;
-      default: feedback_tile<kTileRows>(a, depth, w_group, product);
-    }
+    if (fed > 0) panel_rows(fed, a, depth, panel, product);
     for (int64_t i = 0; i < tile; ++i) {
       const int64_t row = r0 + i;
       const float* d_out_row = d_out + row * hidden + unit0;
@@ -365,14 +338,14 @@ bool lstm_fused_step_cpu_available(const at::Tensor& w_hh) {
 
 at::Tensor lstm_pack_recurrent_cpu(const at::Tensor& w_hh) {
   const int64_t hidden = w_hh.size(0) / 4, depth = w_hh.size(1);
-  // (4, H/16, 16, P) -> (H/16, P, 4, 16): [unit block][k][gate][unit]
+  // (4, H/16, 16, P) -> (H/16, P, 4, 16): [panel][k][gate][unit]
   return w_hh.reshape({4, hidden / kBlockUnits, kBlockUnits, depth}).permute({1, 3, 0, 2}).contiguous();
 }
 
 void lstm_step_forward_cpu(const at::Tensor& h_prev, const at::Tensor& packed, const at::Tensor& gates_x,
                            const at::Tensor& c_prev, at::Tensor& gates, at::Tensor& c, at::Tensor& r) {
 #ifdef FASTENC_FUSED_STEP
-  const int64_t rows = h_prev.size(0), depth = h_prev.size(1), hidden = c.size(1), blocks = packed.size(0);
+  const int64_t rows = h_prev.size(0), depth = h_prev.size(1), hidden = c.size(1), panels = packed.size(0);
   const float* a = h_prev.data_ptr<float>();
   const float* w = packed.data_ptr<float>();
   const float* gx = gates_x.data_ptr<float>();
@@ -380,11 +353,10 @@ void lstm_step_forward_cpu(const at::Tensor& h_prev, const at::Tensor& packed, c
   float* g = gates.data_ptr<float>();
   float* cc = c.data_ptr<float>();
   float* rr = r.data_ptr<float>();
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t unit = b * kBlockUnits;
-      step_block(a, rows, depth, w + b * depth * 4 * kBlockUnits, gx + unit, cp + unit, g + unit, cc + unit, rr + unit,
-                 hidden);
+  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t unit = p * kBlockUnits;
+      step_panel(a, rows, depth, w + p * depth * kPanel, gx + unit, cp + unit, g + unit, cc + unit, rr + unit, hidden);
     }
   });
 #else
@@ -393,17 +365,17 @@ void lstm_step_forward_cpu(const at::Tensor& h_prev, const at::Tensor& packed, c
 }
 
 at::Tensor lstm_pack_feedback_cpu(const at::Tensor& w_hh) {
-  const int64_t depth = w_hh.size(0), hidden = w_hh.size(1), groups = (hidden + kGroupUnits - 1) / kGroupUnits;
-  auto padded = at::zeros({depth, groups * kGroupUnits}, w_hh.options());
+  const int64_t depth = w_hh.size(0), hidden = w_hh.size(1), panels = (hidden + kPanel - 1) / kPanel;
+  auto padded = at::zeros({depth, panels * kPanel}, w_hh.options());
   padded.narrow(1, 0, hidden).copy_(w_hh);
-  return padded.view({depth, groups, kGroupUnits}).permute({1, 0, 2}).contiguous();  // [group][k][64 units]
+  return padded.view({depth, panels, kPanel}).permute({1, 0, 2}).contiguous();  // [panel][k][64 units]
 }
 
 void lstm_step_backward_cpu(const at::Tensor& d_gates_next, int64_t continuing, const at::Tensor& d_out,
                             const at::Tensor& d_hn, const at::Tensor& packed, const at::Tensor& gates,
                             const at::Tensor& c, const at::Tensor& c_prev, at::Tensor& dc, at::Tensor& d_gates) {
 #ifdef FASTENC_FUSED_STEP
-  const int64_t rows = gates.size(0), hidden = c.size(1), groups = packed.size(0);
+  const int64_t rows = gates.size(0), hidden = c.size(1), panels = packed.size(0);
   const float* next = d_gates_next.data_ptr<float>();
   const float* dout = d_out.data_ptr<float>();
   const float* dhn = d_hn.data_ptr<float>();
@@ -413,11 +385,11 @@ void lstm_step_backward_cpu(const at::Tensor& d_gates_next, int64_t continuing, 
   const float* cp = c_prev.data_ptr<float>();
   float* dcc = dc.data_ptr<float>();
   float* dg = d_gates.data_ptr<float>();
-  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t group = begin; group < end; ++group) {
-      const int64_t unit0 = group * kGroupUnits;
-      feedback_group(next, continuing, dout, dhn, w + group * 4 * hidden * kGroupUnits, g, cc, cp, dcc, dg, rows,
-                     hidden, unit0, std::min(kGroupUnits, hidden - unit0));
+  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t unit0 = p * kPanel;
+      feedback_panel(next, continuing, dout, dhn, w + p * 4 * hidden * kPanel, g, cc, cp, dcc, dg, rows, hidden,
+                     unit0, std::min(kPanel, hidden - unit0));
     }
   });
 #else
