@@ -342,21 +342,16 @@ at::Tensor lstm_pack_recurrent_cpu(const at::Tensor& w_hh) {
   return w_hh.reshape({4, hidden / kBlockUnits, kBlockUnits, depth}).permute({1, 3, 0, 2}).contiguous();
 }
 
-void lstm_step_forward_cpu(const at::Tensor& h_prev, const at::Tensor& packed, const at::Tensor& gates_x,
-                           const at::Tensor& c_prev, at::Tensor& gates, at::Tensor& c, at::Tensor& r) {
+void lstm_step_forward_cpu(const float* h_prev, int64_t rows, int64_t proj, const at::Tensor& packed,
+                           const float* gates_x, const float* c_prev, float* gates, float* c, float* r) {
 #ifdef FASTENC_FUSED_STEP
-  const int64_t rows = h_prev.size(0), depth = h_prev.size(1), hidden = c.size(1), panels = packed.size(0);
-  const float* a = h_prev.data_ptr<float>();
+  const int64_t panels = packed.size(0), hidden = panels * kBlockUnits;
   const float* w = packed.data_ptr<float>();
-  const float* gx = gates_x.data_ptr<float>();
-  const float* cp = c_prev.data_ptr<float>();
-  float* g = gates.data_ptr<float>();
-  float* cc = c.data_ptr<float>();
-  float* rr = r.data_ptr<float>();
   at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       const int64_t unit = p * kBlockUnits;
-      step_panel(a, rows, depth, w + p * depth * kPanel, gx + unit, cp + unit, g + unit, cc + unit, rr + unit, hidden);
+      step_panel(h_prev, rows, proj, w + p * proj * kPanel, gates_x + unit, c_prev + unit, gates + unit, c + unit,
+                 r + unit, hidden);
     }
   });
 #else
