@@ -192,7 +192,7 @@ LstmForward lstm_layer_forward(const at::Tensor& x, const at::Tensor& h0, const 
   // In x's dtype (tensor cores for half types on a GPU), as torch's F.linear before an LSTM.
   const auto gx = Linear(w_ih, bias, rows)(x_rows).to(acc).contiguous();
   const auto acc_options = gx.options();
-  // Fused (x86 CPUs with AVX-512, float32, H a multiple of 16): our own step kernel, the recurrent product and the
+  // Fused (x86 CPUs with AVX-512, float32): our own step kernel, the recurrent product and the
   // cell in one pass (cpu/lstm.cpp). Elsewhere a GEMM (oneDNN on CPU, cuBLAS on CUDA), then the cell kernel.
   const bool fused = lstm_fused_step_cpu_available(w_hh);
   const auto packed = fused ? lstm_pack_recurrent_cpu(w_hh) : at::Tensor();
@@ -242,7 +242,7 @@ LstmForward lstm_layer_forward(const at::Tensor& x, const at::Tensor& h0, const 
     if (raw) {
       float* c = cs_p + c_off * hidden;
       lstm_step_forward_cpu(rows_before(out_p + s.prev_off * hidden, s.prev_n, h0_p, s.n, hidden, h_scratch), s.n,
-                            hidden, packed, gx_p + s.off * 4 * hidden,
+                            hidden, hidden, packed, gx_p + s.off * 4 * hidden,
                             rows_before(cs_p + c_prev_off * hidden, s.prev_n, c0_p, s.n, hidden, c_scratch),
                             gates_p + (save ? s.off : 0) * 4 * hidden, c, out_p + s.off * hidden);
       if (!save && continuing < s.n) {  // rows that the next step does not continue end here
@@ -257,7 +257,7 @@ LstmForward lstm_layer_forward(const at::Tensor& x, const at::Tensor& h0, const 
     auto y = out.narrow(0, s.off, s.n);
     auto r = proj_on ? step_rows(rs, s.off, s.n) : (same ? y : r_scratch.narrow(0, 0, s.n));
     if (fused) {
-      lstm_step_forward_cpu(h_prev.contiguous().data_ptr<float>(), s.n, proj, packed,
+      lstm_step_forward_cpu(h_prev.contiguous().data_ptr<float>(), s.n, proj, hidden, packed,
                             gx.data_ptr<float>() + s.off * 4 * hidden, c_prev.data_ptr<float>(), g.data_ptr<float>(),
                             c.data_ptr<float>(), r.data_ptr<float>());
     } else {

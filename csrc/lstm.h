@@ -37,12 +37,12 @@ void lstm_cell_forward_cpu(const at::Tensor& hw, const at::Tensor& gates_x, cons
                            at::Tensor& gates, at::Tensor& c, at::Tensor& r);
 void lstm_cell_backward_cpu(const at::Tensor& gates, const at::Tensor& c, const at::Tensor& c_prev,
                             const at::Tensor& dr, at::Tensor& dc, at::Tensor& d_gates);
-// The fused CPU step (float32, x86 with AVX-512, H a multiple of 16): h_prev (n, P) W_hh^T and the cell in one
-// pass, W_hh packed once per sequence by lstm_pack_recurrent_cpu; otherwise as lstm_cell_forward_cpu with hw.
+// The fused CPU step (float32, x86 with AVX-512): h_prev (n, P) W_hh^T and the cell in one pass, W_hh packed once
+// per sequence by lstm_pack_recurrent_cpu; otherwise as lstm_cell_forward_cpu with hw.
 bool lstm_fused_step_cpu_available(const at::Tensor& w_hh);
 at::Tensor lstm_pack_recurrent_cpu(const at::Tensor& w_hh);
 // Raw rows (contiguous, row strides P, 4H, H, 4H, H, H), as it runs once per step and a tensor costs ~1 us to make.
-void lstm_step_forward_cpu(const float* h_prev, int64_t rows, int64_t proj, const at::Tensor& packed,
+void lstm_step_forward_cpu(const float* h_prev, int64_t rows, int64_t proj, int64_t hidden, const at::Tensor& packed,
                            const float* gates_x, const float* c_prev, float* gates, float* c, float* r);
 // Its backward step, without a projection (P = H): from the next step's d_gates (its first `continuing` rows are
 // this step's rows that go on), d_out and d_hn (the step's rows of each) writes d_gates and updates dc as

@@ -185,11 +185,12 @@ void backward_rows(const double* gates, const double* c, const double* c_prev, c
 constexpr int64_t kPanel = 64, kBlockUnits = kPanel / 4, kTileRows = 6;
 
 #ifdef FASTENC_FUSED_STEP
-// One row's cell for one block: pre (4 gates x 16, the products) + the row's input gates, at column gate * H + unit.
+// One row's cell for one block of `units` (<= 16) units: pre (4 gates x 16, the products) + the row's input
+// gates, at column gate * H + unit.
 FASTENC_INLINE void cell_block(const float* __restrict__ pre, const float* __restrict__ gx,
                                const float* __restrict__ c_prev, float* __restrict__ gates, float* __restrict__ c,
-                               float* __restrict__ r, int64_t hidden) {
-  for (int64_t j = 0; j < kBlockUnits; ++j) {
+                               float* __restrict__ r, int64_t hidden, int64_t units) {
+  for (int64_t j = 0; j < units; ++j) {
     const float i = sigmoid(pre[j] + gx[j]);
     const float f = sigmoid(pre[kBlockUnits + j] + gx[hidden + j]);
     const float g = tanh_of(pre[2 * kBlockUnits + j] + gx[2 * hidden + j]);
@@ -239,11 +240,11 @@ __attribute__((target("avx512f"))) void panel_rows(int64_t n, const float* const
   }
 }
 
-// Rows x (one panel: 16 units' 4 gates): h_prev (rows x depth) times the panel, then the cell of those units. The
-// row / unit offsets of gx, c_prev, gates, c and r are the caller's.
+// Rows x (one panel: the 4 gates of 16 units, `units` of them real): h_prev (rows x depth) times the panel, then
+// the cell of those units. The row / unit offsets of gx, c_prev, gates, c and r are the caller's.
 __attribute__((target("avx512f"))) void step_panel(const float* h_prev, int64_t rows, int64_t depth,
                                                    const float* panel, const float* gx, const float* c_prev,
-                                                   float* gates, float* c, float* r, int64_t hidden) {
+                                                   float* gates, float* c, float* r, int64_t hidden, int64_t units) {
   alignas(64) float pre[kTileRows][kPanel];
   for (int64_t r0 = 0; r0 < rows; r0 += kTileRows) {
     const int64_t tile = std::min(kTileRows, rows - r0);
@@ -253,7 +254,7 @@ __attribute__((target("avx512f"))) void step_panel(const float* h_prev, int64_t 
     for (int64_t i = 0; i < tile; ++i) {
       const int64_t row = r0 + i;
       cell_block(pre[i], gx + row * 4 * hidden, c_prev + row * hidden, gates + row * 4 * hidden, c + row * hidden,
-                 r + row * hidden, hidden);
+                 r + row * hidden, hidden, units);
     }
   }
 }
@@ -330,28 +331,29 @@ void lstm_cell_backward_cpu(const at::Tensor& gates, const at::Tensor& c, const 
 bool lstm_fused_step_cpu_available(const at::Tensor& w_hh) {
 #ifdef FASTENC_FUSED_STEP
   static const bool avx512 = __builtin_cpu_supports("avx512f");
-  return avx512 && w_hh.is_cpu() && w_hh.scalar_type() == at::kFloat && (w_hh.size(0) / 4) % kBlockUnits == 0;
+  return avx512 && w_hh.is_cpu() && w_hh.scalar_type() == at::kFloat;
 #else
   return false;
 #endif
 }
 
 at::Tensor lstm_pack_recurrent_cpu(const at::Tensor& w_hh) {
-  const int64_t hidden = w_hh.size(0) / 4, depth = w_hh.size(1);
+  const int64_t hidden = w_hh.size(0) / 4, depth = w_hh.size(1), panels = (hidden + kBlockUnits - 1) / kBlockUnits;
+  auto padded = at::zeros({4, panels * kBlockUnits, depth}, w_hh.options());  // units zero-padded to whole panels
+  padded.narrow(1, 0, hidden).copy_(w_hh.view({4, hidden, depth}));
   // (4, H/16, 16, P) -> (H/16, P, 4, 16): [panel][k][gate][unit]
-  return w_hh.reshape({4, hidden / kBlockUnits, kBlockUnits, depth}).permute({1, 3, 0, 2}).contiguous();
+  return padded.view({4, panels, kBlockUnits, depth}).permute({1, 3, 0, 2}).contiguous();
 }
 
-void lstm_step_forward_cpu(const float* h_prev, int64_t rows, int64_t proj, const at::Tensor& packed,
+void lstm_step_forward_cpu(const float* h_prev, int64_t rows, int64_t proj, int64_t hidden, const at::Tensor& packed,
                            const float* gates_x, const float* c_prev, float* gates, float* c, float* r) {
 #ifdef FASTENC_FUSED_STEP
-  const int64_t panels = packed.size(0), hidden = panels * kBlockUnits;
   const float* w = packed.data_ptr<float>();
-  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, packed.size(0), 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       const int64_t unit = p * kBlockUnits;
       step_panel(h_prev, rows, proj, w + p * proj * kPanel, gates_x + unit, c_prev + unit, gates + unit, c + unit,
-                 r + unit, hidden);
+                 r + unit, hidden, std::min(kBlockUnits, hidden - unit));
     }
   });
 #else
