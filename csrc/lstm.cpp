@@ -174,6 +174,8 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& b) {
   return at::mm(a, b);
 }
 
+constexpr int64_t kChunkSteps = 8;
+
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 }  // namespace
@@ -189,12 +191,17 @@ LstmForward lstm_layer_forward(const at::Tensor& x, const at::Tensor& h0, const 
   const auto lead = x.sizes().slice(0, x.dim() - 1);
   const auto x_rows = x.reshape({-1, x.size(-1)});
   const int64_t rows = x_rows.size(0);
-  // In x's dtype (tensor cores for half types on a GPU), as torch's F.linear before an LSTM.
-  const auto gx = Linear(w_ih, bias, rows)(x_rows).to(acc).contiguous();
-  const auto acc_options = gx.options();
+  const auto acc_options = x.options().dtype(acc);
   // Fused (x86 CPUs with AVX-512, float32): our own step kernel, the recurrent product and the
   // cell in one pass (cpu/lstm.cpp). Elsewhere a GEMM (oneDNN on CPU, cuBLAS on CUDA), then the cell kernel.
   const bool fused = lstm_fused_step_cpu_available(w_hh);
+  // The fused step without a projection takes raw rows: no tensor is made per step (each narrow costs ~0.7 us,
+  // several per step, against a step of ~100 us at hidden 256, batch 32). It also projects the input kChunkSteps
+  // steps at a time, just ahead, so the step reads its input gates from cache rather than memory.
+  const bool raw = fused && !proj_on;
+  // In x's dtype (tensor cores for half types on a GPU), as torch's F.linear before an LSTM.
+  Linear input_projection(w_ih, bias, raw ? std::min(rows, kChunkSteps * batch) : rows);
+  const auto gx = raw ? at::Tensor() : input_projection(x_rows).to(acc).contiguous();
   const auto packed = fused ? lstm_pack_recurrent_cpu(w_hh) : at::Tensor();
   std::optional<Linear> recurrent;
   if (!fused) recurrent.emplace(w_hh.to(acc), std::nullopt, batch);
@@ -213,13 +220,12 @@ LstmForward lstm_layer_forward(const at::Tensor& x, const at::Tensor& h0, const 
   const auto w_hr_t = proj_on ? w_hr->to(acc).t() : at::Tensor();
   const auto c0_acc = c0.to(acc).contiguous();
 
-  // The fused step without a projection takes raw rows: no tensor is made per step (each narrow costs ~0.7 us,
-  // several per step, against a step of ~100 us at hidden 256, batch 32).
-  const bool raw = fused && !proj_on;
   auto scratch = raw ? acc_rows(2 * batch, hidden) : at::Tensor();  // rows gathered for h_{t-1} and c_{t-1}
   const auto h0_rows = raw ? h0.contiguous() : at::Tensor();
   float *h_scratch = nullptr, *c_scratch = nullptr, *out_p = nullptr, *cs_p = nullptr, *gates_p = nullptr;
   const float *h0_p = nullptr, *c0_p = nullptr, *gx_p = nullptr;
+  at::Tensor gx_chunk;
+  int64_t gx_first = 0;  // the flat row gx_chunk starts at
   if (raw) {
     h_scratch = scratch.data_ptr<float>();
     c_scratch = h_scratch + batch * hidden;
@@ -228,7 +234,6 @@ LstmForward lstm_layer_forward(const at::Tensor& x, const at::Tensor& h0, const 
     gates_p = gates.data_ptr<float>();
     h0_p = h0_rows.data_ptr<float>();
     c0_p = c0_acc.data_ptr<float>();
-    gx_p = gx.data_ptr<float>();
   }
 
   const int64_t steps = static_cast<int64_t>(plan.steps.size());
@@ -240,9 +245,15 @@ LstmForward lstm_layer_forward(const at::Tensor& x, const at::Tensor& h0, const 
     const int64_t c_off = save ? s.off : (k % 2) * batch, c_prev_off = save ? s.prev_off : ((k + 1) % 2) * batch;
     const int64_t continuing = std::min(s.n, k + 1 < steps ? plan.steps[k + 1].n : 0);
     if (raw) {
+      if (k % kChunkSteps == 0) {  // the input gates of the next kChunkSteps steps: one flat row range
+        const Step& end = plan.steps[std::min(k + kChunkSteps, steps) - 1];
+        gx_first = std::min(s.off, end.off);
+        gx_chunk = input_projection(x_rows.narrow(0, gx_first, std::max(s.off + s.n, end.off + end.n) - gx_first));
+        gx_p = gx_chunk.data_ptr<float>();
+      }
       float* c = cs_p + c_off * hidden;
       lstm_step_forward_cpu(rows_before(out_p + s.prev_off * hidden, s.prev_n, h0_p, s.n, hidden, h_scratch), s.n,
-                            hidden, hidden, packed, gx_p + s.off * 4 * hidden,
+                            hidden, hidden, packed, gx_p + (s.off - gx_first) * 4 * hidden,
                             rows_before(cs_p + c_prev_off * hidden, s.prev_n, c0_p, s.n, hidden, c_scratch),
                             gates_p + (save ? s.off : 0) * 4 * hidden, c, out_p + s.off * hidden);
       if (!save && continuing < s.n) {  // rows that the next step does not continue end here
