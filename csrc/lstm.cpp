@@ -327,7 +327,7 @@ LstmBackward lstm_layer_backward(const at::Tensor& d_out, const at::Tensor& d_hn
   const auto w_r = w_hr.has_value() ? w_hr->to(acc) : at::Tensor();
   auto d_gates = at::empty({rows, 4 * hidden}, g_all.options());
   // dL/dh of every row: kept whole for dW_hr with a projection, one step's worth otherwise.
-  auto d_h = at::empty({w_hr.has_value() ? rows : batch, proj}, g_all.options());
+  auto d_h = fused ? at::Tensor() : at::empty({w_hr.has_value() ? rows : batch, proj}, g_all.options());
   auto dr_scratch = w_hr.has_value() ? at::empty({batch, hidden}, g_all.options()) : at::Tensor();
   auto dc = d_cn.to(acc, /*non_blocking=*/false, /*copy=*/true, at::MemoryFormat::Contiguous);  // updated in place
 
