@@ -236,6 +236,12 @@ LstmForward lstm_layer_forward(const at::Tensor& x, const at::Tensor& h0, const 
     c0_p = c0_acc.data_ptr<float>();
   }
 
+  // Not saved: a step's rows that the next step does not continue (from `continuing` on) end here; keep their c.
+  const auto keep_ending_rows = [&](int64_t c_off, int64_t continuing, int64_t n) {
+    if (!save && continuing < n) {
+      c_last.narrow(0, continuing, n - continuing).copy_(cs.narrow(0, c_off + continuing, n - continuing));
+    }
+  };
   const int64_t steps = static_cast<int64_t>(plan.steps.size());
   for (int64_t k = 0; k < steps; ++k) {
     const Step& s = plan.steps[k];
@@ -251,14 +257,11 @@ LstmForward lstm_layer_forward(const at::Tensor& x, const at::Tensor& h0, const 
         gx_chunk = input_projection(x_rows.narrow(0, gx_first, std::max(s.off + s.n, end.off + end.n) - gx_first));
         gx_p = gx_chunk.data_ptr<float>();
       }
-      float* c = cs_p + c_off * hidden;
       lstm_step_forward_cpu(rows_before(out_p + s.prev_off * hidden, s.prev_n, h0_p, s.n, hidden, h_scratch), s.n,
                             hidden, hidden, packed, gx_p + (s.off - gx_first) * 4 * hidden,
                             rows_before(cs_p + c_prev_off * hidden, s.prev_n, c0_p, s.n, hidden, c_scratch),
-                            gates_p + (save ? s.off : 0) * 4 * hidden, c, out_p + s.off * hidden);
-      if (!save && continuing < s.n) {  // rows that the next step does not continue end here
-        std::copy_n(c + continuing * hidden, (s.n - continuing) * hidden, c_last.data_ptr<float>() + continuing * hidden);
-      }
+                            gates_p + (save ? s.off : 0) * 4 * hidden, cs_p + c_off * hidden, out_p + s.off * hidden);
+      keep_ending_rows(c_off, continuing, s.n);
       continue;
     }
     const auto h_prev = rows_before(out.narrow(0, s.prev_off, s.prev_n), h0, s.n);
@@ -281,9 +284,7 @@ LstmForward lstm_layer_forward(const at::Tensor& x, const at::Tensor& h0, const 
     } else if (!same) {
       y.copy_(r);
     }
-    if (!save && continuing < s.n) {
-      c_last.narrow(0, continuing, s.n - continuing).copy_(c.narrow(0, continuing, s.n - continuing));
-    }
+    keep_ending_rows(c_off, continuing, s.n);
   }
   auto lead_shape = [&](int64_t width) {
     std::vector<int64_t> shape(lead.begin(), lead.end());
