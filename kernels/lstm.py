@@ -1,23 +1,24 @@
-"""One LSTM layer in one direction in Triton: a fused cell kernel per time step, forward and backward.
+"""One LSTM layer in one direction in Triton: a fused cell per time step, forward and backward, in two forms.
 
 Contract: fastenc/ops/lstm.py. The input projection for all steps is one GEMM done first, in torch (gates_x); what
-is left is inherently sequential, so the launcher walks the steps and launches one fused kernel per step:
+is left is inherently sequential. Per step, over (batch tile x hidden tile) tiles:
   forward   gates = gates_x[t] + h_{t-1} @ W_hh^T; i, f, g, o; c_t = f c_{t-1} + i g; h_t = o tanh(c_t)
-            A program owns a (batch tile x hidden tile) and computes the four gate slices of its hidden tile, so
-            the recurrent product, the nonlinearities and the cell update never leave the chip. With a projection
-            the cell writes r_t = o tanh(c_t) and a second kernel forms h_t = r_t @ W_hr^T (every h_t column needs
-            every r_t column, which a hidden tile does not have).
+            A tile holds the four gate slices of its hidden units, so the recurrent product, the nonlinearities
+            and the cell update never leave the chip. With a projection the cell writes r_t = o tanh(c_t) and a
+            second pass forms h_t = r_t @ W_hr^T (every h_t column needs every r_t column, which a hidden tile does
+            not have).
   backward  dh_t = dout_t + da_{t+1} @ W_hh (or dh_n for a row whose last step this is), then the gate
-            gradients da_t and the cell chain dc_{t-1} = dc_t f_t in the same kernel. The weight gradients and dx are
+            gradients da_t and the cell chain dc_{t-1} = dc_t f_t in the same tile. The weight gradients and dx are
             one GEMM each over all steps afterwards (torch), from x, the saved h_{t-1} rows and da.
-Nothing is carried between launches in registers: a step reads h_{t-1} from the previous step's output rows (or h0
-for rows that were not active then) and c_{t-1} from the saved cell states, so the per-step kernels need no
-double-buffered state and no inter-program synchronisation. Math in float32; h is stored in the input dtype
-(the next step's dot reads it so), gates and c in float32 for the backward.
-
-Not done yet: a persistent variant (one launch, the time loop inside the kernel, each program owning a batch tile
-and all 4H gates so it depends on no other program) for when W_hh fits on chip; see the op notes.
-Block sizes are untuned guesses: no GPU has measured these kernels yet.
+Nothing is carried from step to step in registers: a step reads h_{t-1} from the previous step's output rows (or
+h0 for rows that were not active then) and c_{t-1} from the saved cell states. Math in float32; h is stored in the
+input dtype (the next step's dot reads it so), gates and c in float32 for the backward.
+The two forms run the same tile functions:
+  per step    the launcher walks the steps and launches one kernel per step (two with a projection), a program
+              per tile: all the parallelism of a step, a launch per step.
+  persistent  one launch; a program owns a batch tile for the whole sequence and loops over steps and tiles
+              itself (see the persistent kernels). The default for small batches and a W_hh that fits on chip.
+Block sizes and the choice between the forms are untuned guesses: no GPU has measured these kernels yet.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from fastenc.reference.lstm import row_maps, schedule
 
 
 @triton.jit
@@ -66,13 +69,10 @@ def _preactivation(gate, GX, HP, H0W, W, off, off_prev, n_prev, rows, cols, mask
 
 
 @triton.jit
-def _lstm_forward_cell_kernel(
-    GX, HP, H0W, W, C0, GATES, CS, Y,
-    off, n, off_prev, n_prev, H, P, stride_wk, stride_wn,
-    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+def _forward_cell_tile(GX, HP, H0W, W, C0, GATES, CS, Y, off, n, off_prev, n_prev, H, P, stride_wk, stride_wn,
+                       rows, cols, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr):
+    """One step of the forward for the (rows x hidden cols) tile: the four gates' products, the cell, the stores."""
     mask = (rows[:, None] < n) & (cols[None, :] < H)
     i = tl.sigmoid(_preactivation(0, GX, HP, H0W, W, off, off_prev, n_prev, rows, cols, mask, H, P, stride_wk,
                                   stride_wn, BLOCK_B, BLOCK_H, BLOCK_K, DOT_PRECISION))
@@ -99,16 +99,23 @@ def _lstm_forward_cell_kernel(
 
 
 @triton.jit
-def _rows_times_kernel(
-    A, M, ALT, ADD, OUT,
-    a_off, n_a, off, n, K, N_COLS, stride_a, stride_mk, stride_mn,
-    HAS_ALT: tl.constexpr, HAS_ADD: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+def _lstm_forward_cell_kernel(
+    GX, HP, H0W, W, C0, GATES, CS, Y,
+    off, n, off_prev, n_prev, H, P, stride_wk, stride_wn,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    _forward_cell_tile(GX, HP, H0W, W, C0, GATES, CS, Y, off, n, off_prev, n_prev, H, P, stride_wk, stride_wn,
+                       rows, cols, BLOCK_B, BLOCK_H, BLOCK_K, DOT_PRECISION)
+
+
+@triton.jit
+def _rows_times_tile(A, M, ALT, ADD, OUT, a_off, n_a, off, n, K, N_COLS, stride_a, stride_mk, stride_mn, rows, cols,
+                     HAS_ALT: tl.constexpr, HAS_ADD: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """OUT[off + rows] = ADD[off + rows] + (A[a_off + rows] @ M where rows < n_a, else ALT[rows]), rows < n: the
     projection h_t = r_t @ W_hr^T, and with a projection the backward's dh_t = dout_t + da_{t+1} @ W_hh."""
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows[:, None] < n) & (cols[None, :] < N_COLS)
     acc = _rows_times(A, a_off, stride_a, n_a, M, stride_mk, stride_mn, 0, rows, cols, N_COLS, K,
                       BLOCK_B, BLOCK_N, BLOCK_K, DOT_PRECISION)
@@ -122,17 +129,26 @@ def _rows_times_kernel(
 
 
 @triton.jit
-def _lstm_backward_cell_kernel(
-    A, M, ALT, DOUT, GATES, CS, C0, DC, DGX,
-    off, n, off_prev, n_prev, a_off, n_a, K, H, stride_a, stride_mk, stride_mn,
-    HAS_ALT: tl.constexpr, HAS_DOUT: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+def _rows_times_kernel(
+    A, M, ALT, ADD, OUT,
+    a_off, n_a, off, n, K, N_COLS, stride_a, stride_mk, stride_mn,
+    HAS_ALT: tl.constexpr, HAS_ADD: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One step of BPTT for a (batch tile x hidden tile). dr, the gradient of o tanh(c), is
-    dout_t + (da_{t+1} @ W_hh or dh_n) without a projection, and dh_t @ W_hr with one (dh_t from _rows_times_kernel);
-    either way it is `A @ M` with the rows >= n_a taken from ALT, plus DOUT."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    _rows_times_tile(A, M, ALT, ADD, OUT, a_off, n_a, off, n, K, N_COLS, stride_a, stride_mk, stride_mn, rows, cols,
+                     HAS_ALT, HAS_ADD, BLOCK_B, BLOCK_N, BLOCK_K, DOT_PRECISION)
+
+
+@triton.jit
+def _backward_cell_tile(A, M, ALT, DOUT, GATES, CS, C0, DC, DGX, off, n, off_prev, n_prev, a_off, n_a, K, H,
+                        stride_a, stride_mk, stride_mn, rows, cols, HAS_ALT: tl.constexpr, HAS_DOUT: tl.constexpr,
+                        BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr):
+    """One step of BPTT for a (batch tile x hidden tile). dr, the gradient of o tanh(c), is
+    dout_t + (da_{t+1} @ W_hh or dh_n) without a projection, and dh_t @ W_hr with one (dh_t from _rows_times_tile);
+    either way it is `A @ M` with the rows >= n_a taken from ALT, plus DOUT."""
     mask = (rows[:, None] < n) & (cols[None, :] < H)
     dr = _rows_times(A, a_off, stride_a, n_a, M, stride_mk, stride_mn, 0, rows, cols, H, K,
                      BLOCK_B, BLOCK_H, BLOCK_K, DOT_PRECISION)
@@ -164,37 +180,100 @@ def _lstm_backward_cell_kernel(
     tl.store(DC + state, dc * f, mask=mask)
 
 
+@triton.jit
+def _lstm_backward_cell_kernel(
+    A, M, ALT, DOUT, GATES, CS, C0, DC, DGX,
+    off, n, off_prev, n_prev, a_off, n_a, K, H, stride_a, stride_mk, stride_mn,
+    HAS_ALT: tl.constexpr, HAS_DOUT: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    _backward_cell_tile(A, M, ALT, DOUT, GATES, CS, C0, DC, DGX, off, n, off_prev, n_prev, a_off, n_a, K, H,
+                        stride_a, stride_mk, stride_mn, rows, cols, HAS_ALT, HAS_DOUT, BLOCK_B, BLOCK_H, BLOCK_K,
+                        DOT_PRECISION)
+
+
+# ---- persistent kernels: the whole time loop in one launch ------------------------------------------------------
+# A program owns one batch tile for the whole sequence and computes every column of every step itself, so a step
+# reads only rows that this program wrote at the step before: programs never wait on each other, and a barrier of
+# the program's own threads between steps (the next step reads what other threads of it stored) is the only
+# synchronisation. What it buys is no launch per step (two with a projection); what it costs is parallelism (one
+# program per batch tile) and W_hh read again every step (from the SM's L1 where it fits there).
+
+@triton.jit
+def _step(PLAN, s):
+    """Row s of the plan: offset, rows; previous step's offset, rows; next step's offset, rows."""
+    row = PLAN + s * 6
+    return tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4), tl.load(row + 5)
+
+
+@triton.jit
+def _lstm_forward_persistent_kernel(
+    PLAN, steps, GX, OUT, H0W, W, C0, GATES, CS, Y, W_HR, H, P, stride_wk, stride_wn,
+    HAS_PROJ: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_KR: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    for s in range(steps):
+        off, n, off_prev, n_prev, off_next, n_next = _step(PLAN, s)
+        for col0 in range(0, H, BLOCK_H):
+            _forward_cell_tile(GX, OUT, H0W, W, C0, GATES, CS, Y, off, n, off_prev, n_prev, H, P, stride_wk,
+                               stride_wn, rows, col0 + tl.arange(0, BLOCK_H), BLOCK_B, BLOCK_H, BLOCK_K, DOT_PRECISION)
+        if HAS_PROJ:
+            tl.debug_barrier()  # h_t = r_t @ W_hr^T reads every column of r_t
+            for col0 in range(0, P, BLOCK_P):
+                _rows_times_tile(Y, W_HR, OUT, OUT, OUT, off, n, off, n, H, P, H, 1, H, rows,
+                                 col0 + tl.arange(0, BLOCK_P), False, False, BLOCK_B, BLOCK_P, BLOCK_KR, DOT_PRECISION)
+        tl.debug_barrier()  # the next step reads this one's h and c rows
+
+
+@triton.jit
+def _lstm_backward_persistent_kernel(
+    PLAN, steps, D_GX, W_HH, D_HN, D_OUT, GATES, CS, C0, DC, D_H, W_HR, H, P,
+    HAS_PROJ: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_K4: tl.constexpr, BLOCK_KP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """The steps of lstm_layer_backward's loop, last processed first, with the same tiles and arguments."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    for i in range(steps):
+        off, n, off_prev, n_prev, off_next, n_next = _step(PLAN, steps - 1 - i)
+        if HAS_PROJ:
+            for col0 in range(0, P, BLOCK_P):
+                _rows_times_tile(D_GX, W_HH, D_HN, D_OUT, D_H, off_next, n_next, off, n, 4 * H, P, 4 * H, P, 1, rows,
+                                 col0 + tl.arange(0, BLOCK_P), True, True, BLOCK_B, BLOCK_P, BLOCK_K4, DOT_PRECISION)
+            tl.debug_barrier()  # dr_t = dh_t @ W_hr reads every column of dh_t
+            for col0 in range(0, H, BLOCK_H):
+                _backward_cell_tile(D_H, W_HR, D_H, D_H, GATES, CS, C0, DC, D_GX, off, n, off_prev, n_prev, off, n,
+                                    P, H, P, H, 1, rows, col0 + tl.arange(0, BLOCK_H), False, False, BLOCK_B, BLOCK_H,
+                                    BLOCK_KP, "ieee")
+        else:
+            for col0 in range(0, H, BLOCK_H):
+                _backward_cell_tile(D_GX, W_HH, D_HN, D_OUT, GATES, CS, C0, DC, D_GX, off, n, off_prev, n_prev,
+                                    off_next, n_next, 4 * H, H, 4 * H, H, 1, rows, col0 + tl.arange(0, BLOCK_H), True,
+                                    True, BLOCK_B, BLOCK_H, BLOCK_K4, DOT_PRECISION)
+        tl.debug_barrier()  # the step before reads this one's d_gates rows
+
+
 # ---- launchers -------------------------------------------------------------------------------------------------
 
-def _schedule(batch_sizes, steps: int, batch: int, reverse: bool) -> list[tuple[int, int, int, int]]:
-    """(offset, rows, previous offset, previous rows) per step in processing order (the reference's convention:
-    a step's rows are the flat rows offset .. offset + rows; the first step has no previous, rows 0)."""
-    sizes = [batch] * steps if batch_sizes is None else [int(s) for s in batch_sizes.tolist()]
-    offsets = [0]
-    for s in sizes[:-1]:
-        offsets.append(offsets[-1] + s)
-    plan, prev = [], (0, 0)
-    for t in (range(len(sizes) - 1, -1, -1) if reverse else range(len(sizes))):
-        plan.append((offsets[t], sizes[t], *prev))
-        prev = (offsets[t], sizes[t])
-    return plan
+def _plan(batch_sizes, steps: int, batch: int, reverse: bool) -> list[tuple[int, ...]]:
+    """The reference's schedule (offset, rows, previous offset, previous rows per step, in processing order) with
+    the next processed step's offset and rows appended (0, 0 for the last)."""
+    plan = schedule(batch_sizes, steps, batch, reverse)
+    return [(*step, *(plan[k + 1][:2] if k + 1 < len(plan) else (0, 0))) for k, step in enumerate(plan)]
 
 
-def _row_maps(batch_sizes, steps: int, batch: int, reverse: bool, device) -> tuple[torch.Tensor, ...]:
-    """For each batch row its flat row at its first and at its last processed step; for each flat row the row of
-    cat([out, h0]) holding the h its step started from. Vectorised: no per-step work."""
-    sizes = torch.full((steps,), batch) if batch_sizes is None else batch_sizes.to("cpu", torch.int64)
-    offsets = sizes.cumsum(0) - sizes
-    total = int(sizes.sum())
-    rows = torch.arange(batch)
-    at_end = offsets[(sizes[None, :] > rows[:, None]).sum(1) - 1] + rows
-    step = torch.repeat_interleave(torch.arange(steps), sizes)
-    row = torch.arange(total) - offsets[step]
-    prev = (step + 1 if reverse else step - 1).clamp(0, steps - 1)
-    has_prev = (step != prev) & (row < sizes[prev])
-    previous = torch.where(has_prev, offsets[prev] + row, total + row)
-    first, last = (at_end, rows) if reverse else (rows, at_end)
-    return first.to(device), last.to(device), previous.to(device)
+# The persistent kernels trade the per-step launches for parallelism and for W_hh read again every step, which is
+# a good trade where a launch is most of a step: one batch tile (batch <= 16, the minimum tile) and a W_hh that
+# fits on chip (128 KiB: an H100 SM has 256 KiB of L1 / shared memory; hidden 128 in 16-bit). Both bounds are
+# estimates: no GPU has timed the two forms against each other yet (bench: lstm, triton on CUDA).
+PERSISTENT_MAX_BATCH = 16
+PERSISTENT_MAX_WEIGHT_BYTES = 128 * 1024
+
+
+def _persistent_by_default(batch: int, w_hh: torch.Tensor) -> bool:
+    return batch <= PERSISTENT_MAX_BATCH and w_hh.numel() * w_hh.element_size() <= PERSISTENT_MAX_WEIGHT_BYTES
 
 
 def _blocks(batch: int, width: int, depth: int) -> tuple[int, int, int]:
@@ -213,7 +292,9 @@ def _check_dtype(dtype: torch.dtype) -> None:
         raise TypeError("the triton lstm supports float16, bfloat16 and float32; use the reference for float64")
 
 
-def lstm_layer_forward(x, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse, save):
+def lstm_layer_forward(x, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse, save, persistent=None):
+    """The contract's forward; persistent: the one-launch kernel (True), a launch per step (False), or the
+    default for the shape (None)."""
     # save=False still stores every step (the op drops the saved tensors).
     _check_dtype(x.dtype)
     gates_x = torch.nn.functional.linear(x, w_ih, bias)  # every step's input projection, one GEMM
@@ -226,37 +307,47 @@ def lstm_layer_forward(x, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse, 
     gates = torch.empty(total, 4 * hidden, dtype=torch.float32, device=gx.device)
     cs = torch.empty(total, hidden, dtype=torch.float32, device=gx.device)
     rs = torch.empty(0, dtype=torch.float32, device=gx.device)  # r_t, with a projection, is filled in below
+    y = out  # where the cell writes o tanh(c_t): h_t itself, or r_t for the projection to read
     if w_hr is not None:
         w_hr = w_hr.contiguous()
-        r_out = torch.empty(total, hidden, dtype=gates_x.dtype, device=gx.device)  # what the projection dot reads
-    plan = _schedule(batch_sizes, lead[0], batch, reverse)
-    _, last, _ = _row_maps(batch_sizes, len(plan), batch, reverse, gx.device)
+        y = torch.empty(total, hidden, dtype=gates_x.dtype, device=gx.device)
+    plan = _plan(batch_sizes, lead[0], batch, reverse)
+    _, last, _ = row_maps(batch_sizes, len(plan), batch, reverse, gx.device)
     # The rows that start from h0 (all at the first step; new rows of a packed reverse pass) take this product.
     h0w = (h0.float() @ w_hh.float().t()).contiguous()
     block_b, block_h, block_k = _blocks(batch, hidden, proj)
     _, block_p, block_kr = _blocks(batch, proj, hidden)
     precision = _precision(gates_x.dtype)
-    for off, n, off_prev, n_prev in plan:
-        # W_hh^T as M: M[k, j] = W_hh[j, k].
-        _lstm_forward_cell_kernel[(triton.cdiv(n, block_b), triton.cdiv(hidden, block_h))](
-            gx, out, h0w, w_hh, c0, gates, cs, out if w_hr is None else r_out,
-            off, n, off_prev, n_prev, hidden, proj, 1, proj,
-            BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k, DOT_PRECISION=precision,
+    # W_hh^T as M: M[k, j] = W_hh[j, k] (strides 1, P); W_hr^T likewise (strides 1, H).
+    if _persistent_by_default(batch, w_hh) if persistent is None else persistent:
+        _lstm_forward_persistent_kernel[(triton.cdiv(batch, block_b),)](
+            torch.tensor(plan, dtype=torch.int32, device=gx.device), len(plan), gx, out, h0w, w_hh, c0, gates, cs, y,
+            out if w_hr is None else w_hr, hidden, proj, 1, proj, HAS_PROJ=w_hr is not None,
+            BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k, BLOCK_P=block_p, BLOCK_KR=block_kr,
+            DOT_PRECISION=precision,
         )
-        if w_hr is not None:
-            _rows_times_kernel[(triton.cdiv(n, block_b), triton.cdiv(proj, block_p))](
-                r_out, w_hr, out, out, out, off, n, off, n, hidden, proj, hidden, 1, hidden,
-                HAS_ALT=False, HAS_ADD=False,
-                BLOCK_B=block_b, BLOCK_N=block_p, BLOCK_K=block_kr, DOT_PRECISION=precision,
+    else:
+        for off, n, off_prev, n_prev, _, _ in plan:
+            _lstm_forward_cell_kernel[(triton.cdiv(n, block_b), triton.cdiv(hidden, block_h))](
+                gx, out, h0w, w_hh, c0, gates, cs, y, off, n, off_prev, n_prev, hidden, proj, 1, proj,
+                BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k, DOT_PRECISION=precision,
             )
+            if w_hr is not None:
+                _rows_times_kernel[(triton.cdiv(n, block_b), triton.cdiv(proj, block_p))](
+                    y, w_hr, out, out, out, off, n, off, n, hidden, proj, hidden, 1, hidden,
+                    HAS_ALT=False, HAS_ADD=False,
+                    BLOCK_B=block_b, BLOCK_N=block_p, BLOCK_K=block_kr, DOT_PRECISION=precision,
+                )
     if w_hr is not None:
-        rs = (gates[:, 3 * hidden:] * torch.tanh(cs))  # r_t in float32 for dW_hr (r_out is rounded)
+        rs = (gates[:, 3 * hidden:] * torch.tanh(cs))  # r_t in float32 for dW_hr (y is rounded)
     h_n, c_n = out[last].to(h0.dtype), cs[last].to(c0.dtype)
     return (out.reshape(*lead, proj), h_n, c_n, gates.reshape(*lead, 4 * hidden), cs.reshape(*lead, hidden),
             rs.reshape(*lead, hidden) if w_hr is not None else rs)
 
 
-def lstm_layer_backward(d_out, d_hn, d_cn, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, reverse, out, gates, cs, rs):
+def lstm_layer_backward(d_out, d_hn, d_cn, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, reverse, out, gates, cs, rs,
+                        persistent=None):
+    """The contract's backward; persistent as in lstm_layer_forward."""
     hidden, proj, batch = c0.shape[1], h0.shape[1], h0.shape[0]
     lead = gates.shape[:-1]
     gates, cs = gates.reshape(-1, 4 * hidden).contiguous(), cs.reshape(-1, hidden).contiguous()
@@ -266,42 +357,46 @@ def lstm_layer_backward(d_out, d_hn, d_cn, x, h0, c0, w_ih, w_hh, w_hr, batch_si
     d_hn, c0, w_hh = d_hn.contiguous(), c0.contiguous(), w_hh.contiguous()
     dc = d_cn.float().contiguous().clone()
     d_gx = torch.empty(total, 4 * hidden, dtype=out.dtype, device=out.device)
-    plan = _schedule(batch_sizes, lead[0], batch, reverse)
-    block_b, block_h, _ = _blocks(batch, hidden, 4 * hidden)
+    d_h = d_gx  # with a projection: each step's dh_t, in float32
+    plan = _plan(batch_sizes, lead[0], batch, reverse)
+    block_b, block_h, block_k4 = _blocks(batch, hidden, 4 * hidden)
+    _, block_p, _ = _blocks(batch, proj, 4 * hidden)
+    _, _, block_kp = _blocks(batch, hidden, proj)
     precision = _precision(out.dtype)
     if w_hr is not None:
         w_hr = w_hr.contiguous()
         d_h = torch.empty(total, proj, dtype=torch.float32, device=out.device)
-        _, block_p, block_k4 = _blocks(batch, proj, 4 * hidden)
-        _, _, block_kp = _blocks(batch, hidden, proj)
+    if _persistent_by_default(batch, w_hh) if persistent is None else persistent:
+        _lstm_backward_persistent_kernel[(triton.cdiv(batch, block_b),)](
+            torch.tensor(plan, dtype=torch.int32, device=out.device), len(plan), d_gx, w_hh, d_hn, d_out, gates, cs,
+            c0, dc, d_h, w_hh if w_hr is None else w_hr, hidden, proj, HAS_PROJ=w_hr is not None,
+            BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_P=block_p, BLOCK_K4=block_k4, BLOCK_KP=block_kp,
+            DOT_PRECISION=precision,
+        )
     else:
-        _, _, block_k4 = _blocks(batch, hidden, 4 * hidden)
-    nxt = (0, 0)
-    for off, n, off_prev, n_prev in reversed(plan):
-        off_next, n_next = nxt
-        grid = (triton.cdiv(n, block_b), triton.cdiv(hidden, block_h))
-        meta = dict(BLOCK_B=block_b, BLOCK_H=block_h)
-        if w_hr is None:
-            # dh_t = dout_t + da_{t+1} @ W_hh (rows active at t + 1), dh_n for the others; M = W_hh (4H, H).
-            _lstm_backward_cell_kernel[grid](
-                d_gx, w_hh, d_hn, d_out, gates, cs, c0, dc, d_gx,
-                off, n, off_prev, n_prev, off_next, n_next, 4 * hidden, hidden, 4 * hidden, hidden, 1,
-                HAS_ALT=True, HAS_DOUT=True, BLOCK_K=block_k4, DOT_PRECISION=precision, **meta,
-            )
-        else:
-            _rows_times_kernel[(triton.cdiv(n, block_b), triton.cdiv(proj, block_p))](
-                d_gx, w_hh, d_hn, d_out, d_h, off_next, n_next, off, n, 4 * hidden, proj, 4 * hidden, proj, 1,
-                HAS_ALT=True, HAS_ADD=True,
-                BLOCK_B=block_b, BLOCK_N=block_p, BLOCK_K=block_k4, DOT_PRECISION=precision,
-            )
-            # dr_t = dh_t @ W_hr; M = W_hr (P, H). dh_t is float32, so the dot runs in float32 (W_hr is cast).
-            _lstm_backward_cell_kernel[grid](
-                d_h, w_hr, d_h, d_h, gates, cs, c0, dc, d_gx,
-                off, n, off_prev, n_prev, off, n, proj, hidden, proj, hidden, 1,
-                HAS_ALT=False, HAS_DOUT=False, BLOCK_K=block_kp, DOT_PRECISION="ieee", **meta,
-            )
-        nxt = (off, n)
-    first, _, previous = _row_maps(batch_sizes, len(plan), batch, reverse, out.device)
+        for off, n, off_prev, n_prev, off_next, n_next in reversed(plan):
+            grid = (triton.cdiv(n, block_b), triton.cdiv(hidden, block_h))
+            meta = dict(BLOCK_B=block_b, BLOCK_H=block_h)
+            if w_hr is None:
+                # dh_t = dout_t + da_{t+1} @ W_hh (rows active at t + 1), dh_n for the others; M = W_hh (4H, H).
+                _lstm_backward_cell_kernel[grid](
+                    d_gx, w_hh, d_hn, d_out, gates, cs, c0, dc, d_gx,
+                    off, n, off_prev, n_prev, off_next, n_next, 4 * hidden, hidden, 4 * hidden, hidden, 1,
+                    HAS_ALT=True, HAS_DOUT=True, BLOCK_K=block_k4, DOT_PRECISION=precision, **meta,
+                )
+            else:
+                _rows_times_kernel[(triton.cdiv(n, block_b), triton.cdiv(proj, block_p))](
+                    d_gx, w_hh, d_hn, d_out, d_h, off_next, n_next, off, n, 4 * hidden, proj, 4 * hidden, proj, 1,
+                    HAS_ALT=True, HAS_ADD=True,
+                    BLOCK_B=block_b, BLOCK_N=block_p, BLOCK_K=block_k4, DOT_PRECISION=precision,
+                )
+                # dr_t = dh_t @ W_hr; M = W_hr (P, H). dh_t is float32, so the dot runs in float32 (W_hr is cast).
+                _lstm_backward_cell_kernel[grid](
+                    d_h, w_hr, d_h, d_h, gates, cs, c0, dc, d_gx,
+                    off, n, off_prev, n_prev, off, n, proj, hidden, proj, hidden, 1,
+                    HAS_ALT=False, HAS_DOUT=False, BLOCK_K=block_kp, DOT_PRECISION="ieee", **meta,
+                )
+    first, _, previous = row_maps(batch_sizes, len(plan), batch, reverse, out.device)
     d_gates = d_gx.float()
     dw_hh = d_gates.t() @ torch.cat([out, h0]).float()[previous]
     dh0 = (d_gates[first] @ w_hh.float()).to(h0.dtype)

@@ -4,6 +4,7 @@ torch.nn.LSTM in float64 as the oracle; the reference's written-out backward aga
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -249,6 +250,43 @@ def test_reference_backward_is_autograds(reverse, proj, packed):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
 
 
+FORMS = [  # (batch, hidden, proj, packed, reverse): one or two programs / batch tiles, one or two hidden tiles
+    (3, 6, 0, False, False), (3, 6, 4, True, True), (70, 20, 0, True, True), (70, 20, 5, True, False),
+    (5, 40, 0, False, True),
+]
+
+
+@pytest.mark.parametrize("persistent", [True, False], ids=["persistent", "per-step"])
+@pytest.mark.parametrize("batch,hidden,proj,packed,reverse", FORMS)
+def test_triton_forms(lstm_backend, persistent, batch, hidden, proj, packed, reverse):
+    """Both forms of the Triton LSTM (the time loop in one launch; a launch per step), whichever the shape would
+    get by default: forward and backward against the reference in float32 and float64."""
+    name, device = lstm_backend
+    if name != "triton":
+        pytest.skip("the persistent and per-step forms are the triton backend's")
+    from fastenc.kernels import lstm as kernels
+
+    g = torch.Generator().manual_seed(9)
+    rnd = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    steps, p = 3, proj or hidden
+    batch_sizes = torch.tensor([batch, batch - 1, 2]) if packed else None
+    x = rnd(int(batch_sizes.sum()), INPUT) if packed else rnd(steps, batch, INPUT)
+    inputs = [x, rnd(batch, p), rnd(batch, hidden), rnd(4 * hidden, INPUT) * 0.4, rnd(4 * hidden, p) * 0.4,
+              rnd(4 * hidden), rnd(p, hidden) * 0.4 if proj else None]
+
+    def run(impl, dtype, **form):
+        args = [t if t is None else t.to(device, dtype) for t in inputs]
+        outs = impl.lstm_layer_forward(*args, batch_sizes, reverse, True, **form)
+        grads_out = [torch.randn(t.shape, generator=torch.Generator().manual_seed(10)).to(t) for t in outs[:3]]
+        grads = impl.lstm_layer_backward(*grads_out, *args[:5], args[6], batch_sizes, reverse, outs[0], *outs[3:],
+                                         **form)
+        return [t for t in (*outs[:3], *grads) if t.numel()]
+
+    names = ["out", "h_n", "c_n", "dx", "dh0", "dc0", "dw_ih", "dw_hh", "d_bias"] + (["dw_hr"] if proj else [])
+    compare_with_oracle(names, run(kernels, torch.float32, persistent=persistent), run(reference, torch.float32),
+                        run(reference, torch.float64))
+
+
 def _op_args(device, proj, packed, reverse, save, backend, seed=7):
     g = torch.Generator().manual_seed(seed)
     rnd = lambda *shape: torch.randn(*shape, generator=g).to(device)  # noqa: E731
@@ -383,3 +421,18 @@ def test_autocast_runs_in_the_autocast_dtype():
         want, (h_want, c_want) = theirs(x)
     assert out.dtype == h_n.dtype == c_n.dtype == want.dtype == h_want.dtype == torch.bfloat16
     torch.testing.assert_close(out, want, atol=3e-2, rtol=3e-2)
+
+
+def test_triton_kernels_compile_for_hopper():
+    """The interpreter never runs the GPU code generator (and the persistent kernels' barriers are no-ops in it):
+    compile every Triton LSTM kernel to an sm_90 binary here (tests/triton_aot.py), in a process without
+    TRITON_INTERPRET."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia", reason="this triton has no NVIDIA backend to compile with")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-m", "tests.triton_aot"], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert run.stdout.count("bytes of sm_90 cubin") == 7, run.stdout

@@ -32,8 +32,8 @@ The ops take the backend's name (from backends.select, in functional); the backw
 
 Designed for a native implementation to slot in: everything is plain tensors and ints, batch_sizes stays on the
 CPU (the step loop needs its values on the host, as cuDNN's does), and the saved tensors are backend-neutral, so
-a C++/CUDA backward may consume what any forward saved. A persistent kernel (the time loop inside one launch)
-fits the same contract.
+a C++/CUDA backward may consume what any forward saved. The triton backend's persistent kernels (the time loop
+inside one launch) run under the same contract.
 """
 
 from __future__ import annotations

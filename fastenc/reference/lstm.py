@@ -20,7 +20,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _schedule(batch_sizes: Tensor | None, steps: int, batch: int, reverse: bool) -> list[tuple[int, int, int, int]]:
+def schedule(batch_sizes: Tensor | None, steps: int, batch: int, reverse: bool) -> list[tuple[int, int, int, int]]:
     """(offset, rows, previous offset, previous rows) per step in processing order; the first has no previous."""
     sizes = [batch] * steps if batch_sizes is None else [int(s) for s in batch_sizes.tolist()]
     offsets = [0]
@@ -34,7 +34,7 @@ def _schedule(batch_sizes: Tensor | None, steps: int, batch: int, reverse: bool)
     return plan
 
 
-def _row_maps(batch_sizes: Tensor | None, steps: int, batch: int, reverse: bool, device) -> tuple[Tensor, ...]:
+def row_maps(batch_sizes: Tensor | None, steps: int, batch: int, reverse: bool, device) -> tuple[Tensor, ...]:
     """Flat-row indices, computed at once from the sizes: for each batch row, its row at its first and at its last
     processed step; for each flat row, the row of cat([out, h0]) holding the h that step started from."""
     sizes = torch.full((steps,), batch) if batch_sizes is None else batch_sizes.to("cpu", torch.int64)
@@ -65,7 +65,7 @@ def lstm_layer_forward(x, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse, 
     lead = x.shape[:-1]
     gx = torch.nn.functional.linear(x, w_ih, bias).reshape(-1, 4 * hidden).to(acc)
     rows_total = gx.shape[0]
-    plan = _schedule(batch_sizes, x.shape[0], h0.shape[0], reverse)
+    plan = schedule(batch_sizes, x.shape[0], h0.shape[0], reverse)
     out = x.new_empty(rows_total, proj)
     gates = gx.new_empty(rows_total, 4 * hidden)
     cs = gx.new_empty(rows_total, hidden)
@@ -85,7 +85,7 @@ def lstm_layer_forward(x, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse, 
             rs[off:off + n] = r
             r = r @ w_hr.to(acc).t()
         out[off:off + n] = r.to(out.dtype)
-    _, last, _ = _row_maps(batch_sizes, len(plan), h0.shape[0], reverse, out.device)
+    _, last, _ = row_maps(batch_sizes, len(plan), h0.shape[0], reverse, out.device)
     h_n = out[last].to(h0.dtype)
     c_n = cs[last].to(c0.dtype)
     return (out.reshape(*lead, proj), h_n, c_n, gates.reshape(*lead, 4 * hidden), cs.reshape(*lead, hidden),
@@ -99,7 +99,7 @@ def lstm_layer_backward(d_out, d_hn, d_cn, x, h0, c0, w_ih, w_hh, w_hr, batch_si
     d_out = d_out.reshape(-1, proj).to(acc)
     gates, cs, out = gates.reshape(-1, 4 * hidden), cs.reshape(-1, hidden), out.reshape(-1, proj)
     rows_total = gates.shape[0]
-    plan = _schedule(batch_sizes, lead[0], h0.shape[0], reverse)
+    plan = schedule(batch_sizes, lead[0], h0.shape[0], reverse)
     w = w_hh.to(acc)
     d_hn, dc = d_hn.to(acc), d_cn.to(acc).clone()  # dc: the running gradient of each row's cell state
     c0_acc = c0.to(acc)
@@ -124,7 +124,7 @@ def lstm_layer_backward(d_out, d_hn, d_cn, x, h0, c0, w_ih, w_hh, w_hr, batch_si
         )
         dc[:n] = dc_t * f
         nxt = (off, n)
-    first, _, previous = _row_maps(batch_sizes, len(plan), h0.shape[0], reverse, out.device)
+    first, _, previous = row_maps(batch_sizes, len(plan), h0.shape[0], reverse, out.device)
     h_prev = torch.cat([out, h0]).to(acc)[previous]
     dw_hh = d_gates.t() @ h_prev
     dh0 = (d_gates[first] @ w).to(h0.dtype)
