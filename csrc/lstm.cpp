@@ -11,10 +11,13 @@
 // GEMM reads it.
 #include "lstm.h"
 
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <algorithm>
 #include <atomic>
+#include <numeric>
 #include <vector>
 
 namespace at::native {
@@ -131,6 +134,8 @@ class Linear {
     scratch_ = at::empty({rows, w.size(0)}, w.options());
   }
 
+  bool reentrant() const { return linear_.has_value(); }  // calls may overlap (no scratch is shared)
+
   at::Tensor operator()(const at::Tensor& x) {
     if (!linear_.has_value()) {
       auto out = scratch_.narrow(0, 0, x.size(0));
@@ -176,6 +181,29 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& b) {
 
 constexpr int64_t kChunkSteps = 8;
 
+// A thread's share of the batch in the fused forward: at least one whole row tile of the step kernel (6 rows).
+constexpr int64_t kMinShareRows = 6;
+
+// Bounds 0 = b_0 < b_1 < ... = batch of at most `parts` shares of the batch rows with about equal work: a row
+// counts the steps it is active in (a packed batch has its longest rows first).
+std::vector<int64_t> batch_shares(const Schedule& plan, int64_t batch, int64_t parts) {
+  std::vector<int64_t> length(batch, 0);
+  for (const Step& s : plan.steps) {
+    for (int64_t b = 0; b < s.n; ++b) ++length[b];
+  }
+  const int64_t total = std::accumulate(length.begin(), length.end(), int64_t{0});
+  std::vector<int64_t> bounds{0};
+  int64_t done = 0;
+  for (int64_t b = 0; b + 1 < batch; ++b) {
+    done += length[b];
+    if (static_cast<int64_t>(bounds.size()) < parts && done * parts >= total * static_cast<int64_t>(bounds.size())) {
+      bounds.push_back(b + 1);
+    }
+  }
+  bounds.push_back(batch);
+  return bounds;
+}
+
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 }  // namespace
@@ -220,50 +248,76 @@ LstmForward lstm_layer_forward(const at::Tensor& x, const at::Tensor& h0, const 
   const auto w_hr_t = proj_on ? w_hr->to(acc).t() : at::Tensor();
   const auto c0_acc = c0.to(acc).contiguous();
 
-  auto scratch = raw ? acc_rows(2 * batch, hidden) : at::Tensor();  // rows gathered for h_{t-1} and c_{t-1}
-  const auto h0_rows = raw ? h0.contiguous() : at::Tensor();
-  float *h_scratch = nullptr, *c_scratch = nullptr, *out_p = nullptr, *cs_p = nullptr, *gates_p = nullptr;
-  const float *h0_p = nullptr, *c0_p = nullptr, *gx_p = nullptr;
-  at::Tensor gx_chunk;
-  int64_t gx_first = 0;  // the flat row gx_chunk starts at
-  if (raw) {
-    h_scratch = scratch.data_ptr<float>();
-    c_scratch = h_scratch + batch * hidden;
-    out_p = out.data_ptr<float>();
-    cs_p = cs.data_ptr<float>();
-    gates_p = gates.data_ptr<float>();
-    h0_p = h0_rows.data_ptr<float>();
-    c0_p = c0_acc.data_ptr<float>();
-  }
-
   // Not saved: a step's rows that the next step does not continue (from `continuing` on) end here; keep their c.
-  const auto keep_ending_rows = [&](int64_t c_off, int64_t continuing, int64_t n) {
+  // Rows counted from batch row b0.
+  const auto keep_ending_rows = [&](int64_t c_off, int64_t b0, int64_t continuing, int64_t n) {
     if (!save && continuing < n) {
-      c_last.narrow(0, continuing, n - continuing).copy_(cs.narrow(0, c_off + continuing, n - continuing));
+      c_last.narrow(0, b0 + continuing, n - continuing).copy_(cs.narrow(0, c_off + continuing, n - continuing));
     }
   };
   const int64_t steps = static_cast<int64_t>(plan.steps.size());
-  for (int64_t k = 0; k < steps; ++k) {
+  const auto c_offsets = [&](int64_t k) {  // (this step's, the previous step's) first row in cs
+    const Step& s = plan.steps[k];
+    return std::pair<int64_t, int64_t>{save ? s.off : (k % 2) * batch, save ? s.prev_off : ((k + 1) % 2) * batch};
+  };
+
+  if (raw) {
+    // The batch rows [b0, b1) through every step: their rows of a step are one contiguous range of its rows.
+    auto scratch = acc_rows(2 * batch, hidden);  // rows gathered for h_{t-1} and c_{t-1}
+    const auto h0_rows = h0.contiguous();
+    float *const out_p = out.data_ptr<float>(), *const cs_p = cs.data_ptr<float>(),
+                 *const gates_p = gates.data_ptr<float>(), *const scratch_p = scratch.data_ptr<float>();
+    const float *const h0_p = h0_rows.data_ptr<float>(), *const c0_p = c0_acc.data_ptr<float>();
+    const auto forward_rows = [&](int64_t b0, int64_t b1) {
+      const auto mine = [&](int64_t n) { return std::clamp<int64_t>(n - b0, 0, b1 - b0); };  // of a step's n rows
+      float *const h_scratch = scratch_p + b0 * hidden, *const c_scratch = scratch_p + (batch + b0) * hidden;
+      at::Tensor gx_chunk;
+      std::vector<int64_t> gx_row(steps);  // each step's first row in its chunk's input gates
+      for (int64_t k = 0; k < steps; ++k) {
+        if (k % kChunkSteps == 0) {  // the input gates of the next kChunkSteps steps' rows, one GEMM
+          std::vector<at::Tensor> x_chunk;
+          int64_t chunk_rows = 0;
+          for (int64_t j = k; j < std::min(k + kChunkSteps, steps); ++j) {
+            gx_row[j] = chunk_rows;
+            const int64_t n = mine(plan.steps[j].n);
+            if (n > 0) x_chunk.push_back(x_rows.narrow(0, plan.steps[j].off + b0, n));
+            chunk_rows += n;
+          }
+          if (chunk_rows > 0) gx_chunk = input_projection(x_chunk.size() == 1 ? x_chunk[0] : at::cat(x_chunk));
+        }
+        const Step& s = plan.steps[k];
+        const int64_t n = mine(s.n), prev_n = mine(s.prev_n);
+        if (n == 0) continue;  // not started yet (the reverse direction of a packed batch)
+        const auto [c_off, c_prev_off] = c_offsets(k);
+        lstm_step_forward_cpu(
+            rows_before(out_p + (s.prev_off + b0) * hidden, prev_n, h0_p + b0 * hidden, n, hidden, h_scratch), n,
+            hidden, hidden, packed, gx_chunk.data_ptr<float>() + gx_row[k] * 4 * hidden,
+            rows_before(cs_p + (c_prev_off + b0) * hidden, prev_n, c0_p + b0 * hidden, n, hidden, c_scratch),
+            gates_p + ((save ? s.off : 0) + b0) * 4 * hidden, cs_p + (c_off + b0) * hidden,
+            out_p + (s.off + b0) * hidden);
+        keep_ending_rows(c_off + b0, b0, std::min(n, k + 1 < steps ? mine(plan.steps[k + 1].n) : 0), n);
+      }
+    };
+    // With more than one thread each takes a share of the batch through the whole sequence on its own: no step
+    // waits for another thread (a step split over threads by panels does, every step, and reads the other
+    // thread's half of h_{t-1} from its cache). Shares of equal work (a packed batch's rows, longest first, differ).
+    // The oneDNN projection may run in several threads at once; the at::mm fallback writes one scratch buffer.
+    const int64_t parts =
+        input_projection.reentrant() ? std::clamp<int64_t>(batch / kMinShareRows, 1, at::get_num_threads()) : 1;
+    const auto bounds = batch_shares(plan, batch, parts);
+    const at::ThreadLocalState caller;  // the op's dispatch state (autograd off), for the tensor calls in a share
+    at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t begin, int64_t end) {
+      const at::ThreadLocalStateGuard guard(caller);
+      for (int64_t i = begin; i < end; ++i) forward_rows(bounds[i], bounds[i + 1]);
+    });
+  }
+  for (int64_t k = 0; !raw && k < steps; ++k) {  // the tensor path (the fused raw path ran above)
     const Step& s = plan.steps[k];
     const auto step_rows = [&](const at::Tensor& all, int64_t off, int64_t n) {
       return save ? all.narrow(0, off, n) : all.narrow(0, 0, n);
     };
-    const int64_t c_off = save ? s.off : (k % 2) * batch, c_prev_off = save ? s.prev_off : ((k + 1) % 2) * batch;
+    const auto [c_off, c_prev_off] = c_offsets(k);
     const int64_t continuing = std::min(s.n, k + 1 < steps ? plan.steps[k + 1].n : 0);
-    if (raw) {
-      if (k % kChunkSteps == 0) {  // the input gates of the next kChunkSteps steps: one flat row range
-        const Step& end = plan.steps[std::min(k + kChunkSteps, steps) - 1];
-        gx_first = std::min(s.off, end.off);
-        gx_chunk = input_projection(x_rows.narrow(0, gx_first, std::max(s.off + s.n, end.off + end.n) - gx_first));
-        gx_p = gx_chunk.data_ptr<float>();
-      }
-      lstm_step_forward_cpu(rows_before(out_p + s.prev_off * hidden, s.prev_n, h0_p, s.n, hidden, h_scratch), s.n,
-                            hidden, hidden, packed, gx_p + (s.off - gx_first) * 4 * hidden,
-                            rows_before(cs_p + c_prev_off * hidden, s.prev_n, c0_p, s.n, hidden, c_scratch),
-                            gates_p + (save ? s.off : 0) * 4 * hidden, cs_p + c_off * hidden, out_p + s.off * hidden);
-      keep_ending_rows(c_off, continuing, s.n);
-      continue;
-    }
     const auto h_prev = rows_before(out.narrow(0, s.prev_off, s.prev_n), h0, s.n);
     const auto c_prev = rows_before(cs.narrow(0, c_prev_off, s.prev_n), c0_acc, s.n).contiguous();
     auto g = step_rows(gates, s.off, s.n);
@@ -284,7 +338,7 @@ LstmForward lstm_layer_forward(const at::Tensor& x, const at::Tensor& h0, const 
     } else if (!same) {
       y.copy_(r);
     }
-    keep_ending_rows(c_off, continuing, s.n);
+    keep_ending_rows(c_off, 0, continuing, s.n);
   }
   auto lead_shape = [&](int64_t width) {
     std::vector<int64_t> shape(lead.begin(), lead.end());
