@@ -181,12 +181,14 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& b) {
 
 constexpr int64_t kChunkSteps = 8;
 
-// A thread's share of the batch in the fused forward: at least one whole row tile of the step kernel (6 rows).
+// A thread's share of the batch in the fused steps: at least one whole row tile of the step kernel (6 rows).
 constexpr int64_t kMinShareRows = 6;
 
-// Bounds 0 = b_0 < b_1 < ... = batch of at most `parts` shares of the batch rows with about equal work: a row
-// counts the steps it is active in (a packed batch has its longest rows first).
-std::vector<int64_t> batch_shares(const Schedule& plan, int64_t batch, int64_t parts) {
+// Bounds 0 = b_0 < b_1 < ... = batch of the batch rows' shares for up to `threads` threads, at least
+// kMinShareRows rows each, with about equal work: a row counts the steps it is active in (a packed batch has its
+// longest rows first).
+std::vector<int64_t> batch_shares(const Schedule& plan, int64_t batch, int64_t threads) {
+  const int64_t parts = std::clamp<int64_t>(batch / kMinShareRows, 1, threads);
   std::vector<int64_t> length(batch, 0);
   for (const Step& s : plan.steps) {
     for (int64_t b = 0; b < s.n; ++b) ++length[b];
@@ -202,6 +204,17 @@ std::vector<int64_t> batch_shares(const Schedule& plan, int64_t batch, int64_t p
   }
   bounds.push_back(batch);
   return bounds;
+}
+
+// run(b0, b1) for each share of `bounds`, the shares in parallel; each under the caller's thread-local state
+// (inside the op autograd is off), which OpenMP's threads do not inherit, for the tensor calls a share makes.
+template <typename Run>
+void in_shares(const std::vector<int64_t>& bounds, const Run& run) {
+  const at::ThreadLocalState caller;
+  at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard guard(caller);
+    for (int64_t i = begin; i < end; ++i) run(bounds[i], bounds[i + 1]);
+  });
 }
 
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
@@ -302,14 +315,7 @@ LstmForward lstm_layer_forward(const at::Tensor& x, const at::Tensor& h0, const 
     // waits for another thread (a step split over threads by panels does, every step, and reads the other
     // thread's half of h_{t-1} from its cache). Shares of equal work (a packed batch's rows, longest first, differ).
     // The oneDNN projection may run in several threads at once; the at::mm fallback writes one scratch buffer.
-    const int64_t parts =
-        input_projection.reentrant() ? std::clamp<int64_t>(batch / kMinShareRows, 1, at::get_num_threads()) : 1;
-    const auto bounds = batch_shares(plan, batch, parts);
-    const at::ThreadLocalState caller;  // the op's dispatch state (autograd off), for the tensor calls in a share
-    at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t begin, int64_t end) {
-      const at::ThreadLocalStateGuard guard(caller);
-      for (int64_t i = begin; i < end; ++i) forward_rows(bounds[i], bounds[i + 1]);
-    });
+    in_shares(batch_shares(plan, batch, input_projection.reentrant() ? at::get_num_threads() : 1), forward_rows);
   }
   for (int64_t k = 0; !raw && k < steps; ++k) {  // the tensor path (the fused raw path ran above)
     const Step& s = plan.steps[k];
@@ -386,8 +392,29 @@ LstmBackward lstm_layer_backward(const at::Tensor& d_out, const at::Tensor& d_hn
   auto dr_scratch = w_hr.has_value() ? at::empty({batch, hidden}, g_all.options()) : at::Tensor();
   auto dc = d_cn.to(acc, /*non_blocking=*/false, /*copy=*/true, at::MemoryFormat::Contiguous);  // updated in place
 
+  if (fused) {
+    // As the fused forward: each thread takes a share of the batch (rows [b0, b1)) through every step.
+    const auto backward_rows = [&](int64_t b0, int64_t b1) {
+      const auto mine = [&](int64_t n) { return std::clamp<int64_t>(n - b0, 0, b1 - b0); };  // of a step's n rows
+      const auto d_hn_rows = d_hn_acc.narrow(0, b0, b1 - b0), c0_rows = c0_acc.narrow(0, b0, b1 - b0);
+      Step next{0, 0, 0, 0};  // the step processed after this one in the forward
+      for (auto it = plan.steps.rbegin(); it != plan.steps.rend(); ++it) {
+        const Step& s = *it;
+        const int64_t n = mine(s.n), k = std::min(n, mine(next.n)), next_off = next.off + b0;  // rows going on
+        next = s;
+        if (n == 0) continue;
+        const int64_t off = s.off + b0;
+        const auto c_prev = rows_before(c_all.narrow(0, s.prev_off + b0, mine(s.prev_n)), c0_rows, n).contiguous();
+        auto dc_rows = dc.narrow(0, b0, n);
+        auto dg = d_gates.narrow(0, off, n);
+        lstm_step_backward_cpu(d_gates.narrow(0, next_off, k), k, d_out_acc.narrow(0, off, n), d_hn_rows, packed,
+                               g_all.narrow(0, off, n), c_all.narrow(0, off, n), c_prev, dc_rows, dg);
+      }
+    };
+    in_shares(batch_shares(plan, batch, at::get_num_threads()), backward_rows);
+  }
   Step next{0, 0, 0, 0};  // the step processed after this one in the forward
-  for (auto it = plan.steps.rbegin(); it != plan.steps.rend(); ++it) {
+  for (auto it = plan.steps.rbegin(); !fused && it != plan.steps.rend(); ++it) {  // (the fused path ran above)
     const Step& s = *it;
     const int64_t k = std::min(s.n, next.n), next_off = next.off;  // the rows that go on, and where
     next = s;
@@ -395,11 +422,6 @@ LstmBackward lstm_layer_backward(const at::Tensor& d_out, const at::Tensor& d_hn
     auto dc_rows = dc.narrow(0, 0, s.n);
     auto dg = d_gates.narrow(0, s.off, s.n);
     const auto step_gates = g_all.narrow(0, s.off, s.n), step_c = c_all.narrow(0, s.off, s.n);
-    if (fused) {
-      lstm_step_backward_cpu(d_gates.narrow(0, next_off, k), k, d_out_acc.narrow(0, s.off, s.n), d_hn_acc, packed,
-                             step_gates, step_c, c_prev, dc_rows, dg);
-      continue;
-    }
     // A row active at the next step feeds its h into that step's gates; otherwise its h is h_n.
     auto dh = d_h.narrow(0, w_hr.has_value() ? s.off : 0, s.n);
     dh.copy_(d_out_acc.narrow(0, s.off, s.n));
