@@ -3,11 +3,13 @@
 The interpreter runs one program at a time and treats barriers as no-ops, so it checks what a kernel computes, not
 whether the GPU code generator accepts it (a time loop around barriers, tuples from jit functions, layouts).
 triton.compile runs that code generator and the ptxas bundled with triton. It proves the kernels compile; whether
-they are right and fast on a GPU still takes a GPU run. Run as a script in a process where TRITON_INTERPRET is
-unset (tests/test_lstm.py does), since triton.jit reads it at import.
+they are right and fast on a GPU still takes a GPU run. Run as a script (`python -m tests.triton_aot [group ...]`) in a process where
+TRITON_INTERPRET is unset (tests/test_triton_aot.py does), since triton.jit reads it at import.
 """
 
 from __future__ import annotations
+
+import sys
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -42,13 +44,18 @@ def lstm_kernels():
             HAS_PROJ=proj, BLOCK_B=16, BLOCK_H=32, BLOCK_P=32, BLOCK_K4=64, BLOCK_KP=64, DOT_PRECISION="tf32")
 
 
-def main() -> None:
+# Each group: a function yielding (kernel, argument types, constexprs) for the kernels to compile.
+GROUPS = {"lstm": lstm_kernels}
+
+
+def main(groups: list[str]) -> None:
     target = GPUTarget("cuda", 90, 32)
-    for kernel, types, constexprs in lstm_kernels():
-        signature = {**types, **{name: "constexpr" for name in constexprs}}
-        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=target)
-        print(f"{kernel.__name__} {constexprs}: {len(compiled.asm['cubin'])} bytes of sm_90 cubin")
+    for group in groups:
+        for kernel, types, constexprs in GROUPS[group]():
+            signature = {**types, **{name: "constexpr" for name in constexprs}}
+            compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=target)
+            print(f"{group}: {kernel.__name__} {constexprs}: {len(compiled.asm['cubin'])} bytes of sm_90 cubin")
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:] or list(GROUPS))
