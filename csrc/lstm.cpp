@@ -2,7 +2,9 @@
 // (gates_x = x W_ih^T + bias), then the whole time loop in C++ (no Python per step), per step one GEMM
 // (h_{t-1} W_hh^T) and one fused pointwise cell (adds the step's input gates, activates, writes the saved gates,
 // updates c and h), or on x86 CPUs with AVX-512 one fused step kernel doing both (cpu/lstm.cpp), the backward
-// likewise; in the backward dx and the weight gradients are one GEMM each over all steps after the loop.
+// likewise; in the backward dx and the weight gradients are one GEMM each over all steps after the loop. The fused
+// path (without a projection) gives each thread a share of the batch to take through the whole sequence: rows of
+// an LSTM never read each other, so the threads never wait for each other.
 //
 // Rows: x is (T, B, I), or (N, I) packed with batch_sizes; either way N flat rows, step t owning rows
 // off_t .. off_t + n_t. A step reads h_{t-1} from the rows of the step processed before it (out) and c_{t-1} from
@@ -184,9 +186,9 @@ constexpr int64_t kChunkSteps = 8;
 // A thread's share of the batch in the fused steps: at least one whole row tile of the step kernel (6 rows).
 constexpr int64_t kMinShareRows = 6;
 
-// Bounds 0 = b_0 < b_1 < ... = batch of the batch rows' shares for up to `threads` threads, at least
-// kMinShareRows rows each, with about equal work: a row counts the steps it is active in (a packed batch has its
-// longest rows first).
+// Bounds 0 = b_0 < b_1 < ... = batch of the batch rows' shares: up to `threads` of them and batch / kMinShareRows
+// (a whole row tile each on average), of about equal work: a row counts the steps it is active in (a packed batch
+// has its longest rows first).
 std::vector<int64_t> batch_shares(const Schedule& plan, int64_t batch, int64_t threads) {
   const int64_t parts = std::clamp<int64_t>(batch / kMinShareRows, 1, threads);
   std::vector<int64_t> length(batch, 0);

@@ -175,10 +175,10 @@ void backward_rows(const double* gates, const double* c, const double* c_prev, c
 // ---- The fused steps (x86 with AVX-512, float32): the recurrent product and the cell in one pass ----------------
 // Both directions multiply a step's rows (R of them at a time) by a panel of 64 columns of W_hh, packed once per
 // sequence as [panel][k][64] so that a panel is one contiguous stream: R x 64 outputs are 4R zmm accumulators
-// (R = 6: 24 of the 32 registers, + 4 for the panel's k-th row and 1 broadcast). A thread owns whole panels
-// (at::parallel_for splits them the same way every step), so its share of W_hh stays in its own L2 from step to
-// step, and it runs the cell of its panels' units right after their product: one parallel region per step,
-// where the GEMM path ran the GEMM's region, then the cell's, with a oneDNN call (~20 us) in between.
+// (R = 6: 24 of the 32 registers, + 4 for the panel's k-th row and 1 broadcast). The cell of a panel's units runs
+// right after their product. Where the driver gives each thread a share of the batch (csrc/lstm.cpp; batches of
+// 12 rows and more on 2 threads), a step runs on its share's thread; otherwise the threads split a step's panels
+// (at::parallel_for splits them the same way every step, so each keeps its part of W_hh in its own L2).
 // forward: a panel is the 4 gates (i f g o) of 16 units, [k][gate][16]; the cell of those 16 units follows.
 // backward (no projection): a panel is 64 units of dh = d_gates_{t+1} W_hh (k over the 4H gates), zero-padded to
 //           whole panels; the cell's backward of those units follows (a unit's needs only its own dh).
