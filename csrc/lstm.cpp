@@ -405,11 +405,15 @@ LstmBackward lstm_layer_backward(const at::Tensor& d_out, const at::Tensor& d_hn
         const int64_t n = mine(s.n), k = std::min(n, mine(next.n)), next_off = next.off + b0;  // rows going on
         next = s;
         if (n == 0) continue;
-        const int64_t off = s.off + b0;
-        const auto c_prev = rows_before(c_all.narrow(0, s.prev_off + b0, mine(s.prev_n)), c0_rows, n).contiguous();
+        // Where a step has none of this share's rows, its offset + b0 may lie past the last row: narrow from 0.
+        const auto share_rows = [](const at::Tensor& t, int64_t off, int64_t count) {
+          return t.narrow(0, count > 0 ? off : 0, count);
+        };
+        const int64_t off = s.off + b0, prev_n = mine(s.prev_n);
+        const auto c_prev = rows_before(share_rows(c_all, s.prev_off + b0, prev_n), c0_rows, n).contiguous();
         auto dc_rows = dc.narrow(0, b0, n);
         auto dg = d_gates.narrow(0, off, n);
-        lstm_step_backward_cpu(d_gates.narrow(0, next_off, k), k, d_out_acc.narrow(0, off, n), d_hn_rows, packed,
+        lstm_step_backward_cpu(share_rows(d_gates, next_off, k), k, d_out_acc.narrow(0, off, n), d_hn_rows, packed,
                                g_all.narrow(0, off, n), c_all.narrow(0, off, n), c_prev, dc_rows, dg);
       }
     };

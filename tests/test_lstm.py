@@ -179,27 +179,34 @@ def test_gradients_through_one_output(lstm_backend, used):
     compare_with_oracle(_names(ours, True)[3:], *grads)
 
 
-@pytest.mark.parametrize("threads", [1, 3])
-@pytest.mark.parametrize("batch", [1, 4, 33])
-def test_packed_batch_on_a_compiled_backend(lstm_backend, batch, threads):
+PACKED_LENGTHS = {  # batch sizes 1, 4 and 33 of random lengths; and 12 rows whose shares on 2 or 3 threads start
+    # past the last step's one row (a share with no rows in a step next to one with some)
+    f"random-{batch}": torch.randint(1, 13, (batch,), generator=torch.Generator().manual_seed(5)).tolist()
+    for batch in (1, 4, 33)
+} | {"12-one-long": [6] + [5] * 11}
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("lengths", PACKED_LENGTHS.values(), ids=PACKED_LENGTHS.keys())
+def test_packed_batch_on_a_compiled_backend(lstm_backend, lengths, threads):
     """Packed batches of unsorted lengths, bidirectional, projection off and on, training and inference, at hidden
     20: on the native CPU backend's fused step a whole 16-unit panel and a partial one, row tiles (6 rows) that
     end short at every one of these batch sizes, and a reverse direction that takes h0 for rows that start late.
-    With 3 threads its forward gives each thread a share of the batch (33 rows: 3 shares, of unequal lengths)."""
+    With 2 or 3 threads its fused steps give each thread a share of the batch (shares of unequal lengths)."""
     name, device = lstm_backend
     if device == "cpu" and name != "native":
         pytest.skip(f"runs on compiled kernels only; {name} on CPU is covered by the small cases")
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        _check_packed_batch(device, batch)
+        _check_packed_batch(device, lengths)
     finally:
         torch.set_num_threads(before)
     assert backends.last_used()["lstm"] == name
 
 
-def _check_packed_batch(device, batch):
-    lengths = torch.randint(1, 13, (batch,), generator=torch.Generator().manual_seed(5)).tolist()
+def _check_packed_batch(device, lengths):
+    batch = len(lengths)
     for proj in (0, 5):
         ours, theirs = _modules(device, input_size=7, hidden=20, bidirectional=True, proj_size=proj)
         inputs = _inputs(theirs, "packed", True, device, steps=max(lengths), batch=batch)
