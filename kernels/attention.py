@@ -50,10 +50,13 @@ _TUNING = dict(key=["BLOCK_D", "IS_CAUSAL", "HAS_BIAS", "HAS_DROPOUT"],
 @triton.jit
 def _sequence(Cu, b, seqlen, IS_VARLEN: tl.constexpr):
     """(first token, length) of sequence b; the start is int64 so token offsets cannot overflow."""
+    # Both returns sit in branches of the constexpr if: the GPU code generator rejects a function whose returns
+    # differ in type (int64 start here, int32 0 below) when one follows the other.
     if IS_VARLEN:
         start = tl.load(Cu + b).to(tl.int64)
         return start, (tl.load(Cu + b + 1) - start).to(tl.int32)
-    return 0, seqlen
+    else:
+        return 0, seqlen
 
 
 @triton.jit
