@@ -254,7 +254,7 @@ LstmForward lstm_layer_forward(const at::Tensor& x, const at::Tensor& h0, const 
   auto out = at::empty({rows, proj}, x.options());
   // Saved: every step's rows. Not saved (no backward will run): one step's worth, the cell states alternating
   // between two buffers, and each row's last c copied out when it ends.
-  auto gates = acc_rows(save ? rows : batch, 4 * hidden);
+  auto gates = acc_rows(save ? rows : (raw ? 0 : batch), 4 * hidden);  // the fused steps keep none unsaved
   auto cs = acc_rows(save ? rows : 2 * batch, hidden);
   auto rs = proj_on ? acc_rows(save ? rows : batch, hidden) : at::empty({0}, acc_options);
   auto c_last = save ? at::Tensor() : acc_rows(batch, hidden);
@@ -308,7 +308,7 @@ LstmForward lstm_layer_forward(const at::Tensor& x, const at::Tensor& h0, const 
             rows_before(out_p + (s.prev_off + b0) * hidden, prev_n, h0_p + b0 * hidden, n, hidden, h_scratch), n,
             hidden, hidden, packed, gx_chunk.data_ptr<float>() + gx_row[k] * 4 * hidden,
             rows_before(cs_p + (c_prev_off + b0) * hidden, prev_n, c0_p + b0 * hidden, n, hidden, c_scratch),
-            gates_p + ((save ? s.off : 0) + b0) * 4 * hidden, cs_p + (c_off + b0) * hidden,
+            save ? gates_p + (s.off + b0) * 4 * hidden : nullptr, cs_p + (c_off + b0) * hidden,
             out_p + (s.off + b0) * hidden);
         keep_ending_rows(c_off + b0, b0, std::min(n, k + 1 < steps ? mine(plan.steps[k + 1].n) : 0), n);
       }
@@ -334,7 +334,8 @@ LstmForward lstm_layer_forward(const at::Tensor& x, const at::Tensor& h0, const 
     auto r = proj_on ? step_rows(rs, s.off, s.n) : (same ? y : r_scratch.narrow(0, 0, s.n));
     if (fused) {
       lstm_step_forward_cpu(h_prev.contiguous().data_ptr<float>(), s.n, proj, hidden, packed,
-                            gx.data_ptr<float>() + s.off * 4 * hidden, c_prev.data_ptr<float>(), g.data_ptr<float>(),
+                            gx.data_ptr<float>() + s.off * 4 * hidden, c_prev.data_ptr<float>(),
+                            save ? g.data_ptr<float>() : nullptr,
                             c.data_ptr<float>(), r.data_ptr<float>());
     } else {
       cell_forward((*recurrent)(h_prev.to(acc)), gx.narrow(0, s.off, s.n), c_prev, g, c, r);

@@ -41,7 +41,8 @@ void lstm_cell_backward_cpu(const at::Tensor& gates, const at::Tensor& c, const 
 // per sequence by lstm_pack_recurrent_cpu; otherwise as lstm_cell_forward_cpu with hw.
 bool lstm_fused_step_cpu_available(const at::Tensor& w_hh);
 at::Tensor lstm_pack_recurrent_cpu(const at::Tensor& w_hh);
-// Raw rows (contiguous, row strides P, 4H, H, 4H, H, H), as it runs once per step and a tensor costs ~1 us to make.
+// Raw rows (contiguous, row strides P, 4H, H, 4H, H, H), as it runs once per step and a tensor costs ~1 us to make;
+// gates may be null (not kept).
 void lstm_step_forward_cpu(const float* h_prev, int64_t rows, int64_t proj, int64_t hidden, const at::Tensor& packed,
                            const float* gates_x, const float* c_prev, float* gates, float* c, float* r);
 // Its backward step, without a projection (P = H): from the next step's d_gates (its first `continuing` rows are

@@ -185,29 +185,69 @@ void backward_rows(const double* gates, const double* c, const double* c_prev, c
 constexpr int64_t kPanel = 64, kBlockUnits = kPanel / 4, kTileRows = 6;
 
 #ifdef FASTENC_FUSED_STEP
-// One row's cell for one block of `units` (<= 16) units: pre (4 gates x 16, the products) + the row's input
-// gates, at column gate * H + unit.
-FASTENC_INLINE void cell_block(const float* __restrict__ pre, const float* __restrict__ gx,
-                               const float* __restrict__ c_prev, float* __restrict__ gates, float* __restrict__ c,
-                               float* __restrict__ r, int64_t hidden, int64_t units) {
-  for (int64_t j = 0; j < units; ++j) {
-    const float i = sigmoid(pre[j] + gx[j]);
-    const float f = sigmoid(pre[kBlockUnits + j] + gx[hidden + j]);
-    const float g = tanh_of(pre[2 * kBlockUnits + j] + gx[2 * hidden + j]);
-    const float o = sigmoid(pre[3 * kBlockUnits + j] + gx[3 * hidden + j]);
-    const float c_t = f * c_prev[j] + i * g;
-    gates[j] = i;
-    gates[hidden + j] = f;
-    gates[2 * hidden + j] = g;
-    gates[3 * hidden + j] = o;
-    c[j] = c_t;
-    r[j] = o * tanh_of(c_t);
+// Everything up to the matching pop is compiled for AVX-512 (lambdas included); only called where the CPU has it.
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+
+// exp_f32, sigmoid and tanh_of above on 16 lanes, the same algorithm and constants: rounding by roundscale and
+// 2^k by scalef (exact for the clamped k). max(lo, x) / min(hi, x) return x where it is NaN, so NaN passes.
+FASTENC_INLINE __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_set1_ps(88.0f), _mm512_max_ps(_mm512_set1_ps(-87.0f), x));
+  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.42860682030941723e-6f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+  for (const float coefficient : {1.0f / 720.0f, 1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f}) {
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(coefficient));
   }
+  return _mm512_scalef_ps(p, k);
+}
+
+FASTENC_INLINE __m512 sigmoid16(__m512 x) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  return _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+}
+
+FASTENC_INLINE __m512 tanh16(__m512 x) {
+  const __m512 z = _mm512_mul_ps(x, x);
+  __m512 p = _mm512_set1_ps(-5.70498872745e-3f);
+  for (const float coefficient : {2.06390887954e-2f, -5.37397155531e-2f, 1.33314422036e-1f, -3.33332819422e-1f}) {
+    p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(coefficient));
+  }
+  const __m512 near_zero = _mm512_fmadd_ps(_mm512_mul_ps(x, z), p, x);
+  const __m512 a = _mm512_abs_ps(x);
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const __m512 far = _mm512_sub_ps(one, _mm512_div_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(exp16(_mm512_add_ps(a, a)), one)));
+  const __m512i sign = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(INT32_MIN));
+  const __m512 signed_far = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(far), sign));
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, _mm512_set1_ps(0.625f), _CMP_LT_OQ), signed_far, near_zero);
+}
+
+// One row's cell for one block of `units` (<= 16) units: pre (4 gates x 16, the products) + the row's input
+// gates, at column gate * H + unit. gates is null where nothing keeps them (inference).
+FASTENC_INLINE void cell_block(const float* pre, const float* gx, const float* c_prev, float* gates, float* c,
+                               float* r, int64_t hidden, int64_t units) {
+  const __mmask16 lanes = static_cast<__mmask16>((1u << units) - 1);
+  const auto pre_activation = [&](int64_t gate) {
+    return _mm512_add_ps(_mm512_load_ps(pre + gate * kBlockUnits), _mm512_maskz_loadu_ps(lanes, gx + gate * hidden));
+  };
+  const __m512 i = sigmoid16(pre_activation(0)), f = sigmoid16(pre_activation(1)), g = tanh16(pre_activation(2)),
+               o = sigmoid16(pre_activation(3));
+  const __m512 c_t = _mm512_fmadd_ps(f, _mm512_maskz_loadu_ps(lanes, c_prev), _mm512_mul_ps(i, g));
+  if (gates != nullptr) {
+    _mm512_mask_storeu_ps(gates, lanes, i);
+    _mm512_mask_storeu_ps(gates + hidden, lanes, f);
+    _mm512_mask_storeu_ps(gates + 2 * hidden, lanes, g);
+    _mm512_mask_storeu_ps(gates + 3 * hidden, lanes, o);
+  }
+  _mm512_mask_storeu_ps(c, lanes, c_t);
+  _mm512_mask_storeu_ps(r, lanes, _mm512_mul_ps(o, tanh16(c_t)));
 }
 
 // out[i] = a[i] (depth) times one packed panel (depth x 64), for the R rows of a tile.
 template <int R>
-__attribute__((target("avx512f"))) void panel_tile(const float* const* a, int64_t depth, const float* panel,
+void panel_tile(const float* const* a, int64_t depth, const float* panel,
                                                    float (*out)[kPanel]) {
   __m512 acc[R][4];
   for (auto& row : acc) {
@@ -228,7 +268,7 @@ __attribute__((target("avx512f"))) void panel_tile(const float* const* a, int64_
 }
 
 // panel_tile for the n (1 .. kTileRows) rows a[0 .. n).
-__attribute__((target("avx512f"))) void panel_rows(int64_t n, const float* const* a, int64_t depth,
+void panel_rows(int64_t n, const float* const* a, int64_t depth,
                                                    const float* panel, float (*out)[kPanel]) {
   switch (n) {
     case 1: return panel_tile<1>(a, depth, panel, out);
@@ -242,7 +282,7 @@ __attribute__((target("avx512f"))) void panel_rows(int64_t n, const float* const
 
 // Rows x (one panel: the 4 gates of 16 units, `units` of them real): h_prev (rows x depth) times the panel, then
 // the cell of those units. The row / unit offsets of gx, c_prev, gates, c and r are the caller's.
-__attribute__((target("avx512f"))) void step_panel(const float* h_prev, int64_t rows, int64_t depth,
+void step_panel(const float* h_prev, int64_t rows, int64_t depth,
                                                    const float* panel, const float* gx, const float* c_prev,
                                                    float* gates, float* c, float* r, int64_t hidden, int64_t units) {
   alignas(64) float pre[kTileRows][kPanel];
@@ -253,15 +293,15 @@ __attribute__((target("avx512f"))) void step_panel(const float* h_prev, int64_t 
     panel_rows(tile, a, depth, panel, pre);
     for (int64_t i = 0; i < tile; ++i) {
       const int64_t row = r0 + i;
-      cell_block(pre[i], gx + row * 4 * hidden, c_prev + row * hidden, gates + row * 4 * hidden, c + row * hidden,
-                 r + row * hidden, hidden, units);
+      cell_block(pre[i], gx + row * 4 * hidden, c_prev + row * hidden, gates ? gates + row * 4 * hidden : nullptr,
+                 c + row * hidden, r + row * hidden, hidden, units);
     }
   }
 }
 
 // One panel (units unit0 .. unit0 + units) of a backward step over `rows` rows, the first `continuing` of which
 // feed d_gates_next (their rows of the next step) back. All pointers at row 0 / column 0.
-__attribute__((target("avx512f"))) void feedback_panel(const float* d_gates_next, int64_t continuing,
+void feedback_panel(const float* d_gates_next, int64_t continuing,
                                                        const float* d_out, const float* d_hn, const float* panel,
                                                        const float* gates, const float* c, const float* c_prev,
                                                        float* dc, float* d_gates, int64_t rows, int64_t hidden,
@@ -288,6 +328,7 @@ __attribute__((target("avx512f"))) void feedback_panel(const float* d_gates_next
     }
   }
 }
+#pragma GCC pop_options
 #endif
 
 int64_t row_grain(int64_t hidden) { return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(4 * hidden, 1)); }
@@ -370,8 +411,8 @@ void lstm_step_forward_cpu(const float* h_prev, int64_t rows, int64_t proj, int6
   at::parallel_for(0, packed.size(0), 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       const int64_t unit = p * kBlockUnits;
-      step_panel(h_prev, rows, proj, w + p * proj * kPanel, gates_x + unit, c_prev + unit, gates + unit, c + unit,
-                 r + unit, hidden, std::min(kBlockUnits, hidden - unit));
+      step_panel(h_prev, rows, proj, w + p * proj * kPanel, gates_x + unit, c_prev + unit,
+                 gates ? gates + unit : nullptr, c + unit, r + unit, hidden, std::min(kBlockUnits, hidden - unit));
     }
   });
 #else
