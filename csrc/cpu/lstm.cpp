@@ -224,25 +224,35 @@ FASTENC_INLINE __m512 tanh16(__m512 x) {
   return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, _mm512_set1_ps(0.625f), _CMP_LT_OQ), signed_far, near_zero);
 }
 
-// One row's cell for one block of `units` (<= 16) units: pre (4 gates x 16, the products) + the row's input
-// gates, at column gate * H + unit. gates is null where nothing keeps them (inference).
-FASTENC_INLINE void cell_block(const float* pre, const float* gx, const float* c_prev, float* gates, float* c,
-                               float* r, int64_t hidden, int64_t units) {
+// The cell of a tile's rows (`tile` of them, from row 0 of each pointer) for one block of `units` (<= 16) units:
+// pre (per row 4 gates x 16, the products) + the row's input gates, at column gate * H + unit. gates is null where
+// nothing keeps them (inference). Two passes: the rows' h = o tanh(c_t), each a latency-bound chain, come one
+// after another, so the core overlaps them (after its row's gates, one would stall the next row's start).
+FASTENC_INLINE void cell_tile(const float (*pre)[kPanel], int64_t tile, const float* gx, const float* c_prev,
+                              float* gates, float* c, float* r, int64_t hidden, int64_t units) {
   const __mmask16 lanes = static_cast<__mmask16>((1u << units) - 1);
-  const auto pre_activation = [&](int64_t gate) {
-    return _mm512_add_ps(_mm512_load_ps(pre + gate * kBlockUnits), _mm512_maskz_loadu_ps(lanes, gx + gate * hidden));
-  };
-  const __m512 i = sigmoid16(pre_activation(0)), f = sigmoid16(pre_activation(1)), g = tanh16(pre_activation(2)),
-               o = sigmoid16(pre_activation(3));
-  const __m512 c_t = _mm512_fmadd_ps(f, _mm512_maskz_loadu_ps(lanes, c_prev), _mm512_mul_ps(i, g));
-  if (gates != nullptr) {
-    _mm512_mask_storeu_ps(gates, lanes, i);
-    _mm512_mask_storeu_ps(gates + hidden, lanes, f);
-    _mm512_mask_storeu_ps(gates + 2 * hidden, lanes, g);
-    _mm512_mask_storeu_ps(gates + 3 * hidden, lanes, o);
+  __m512 c_t[kTileRows], o[kTileRows];
+  for (int64_t row = 0; row < tile; ++row) {
+    const float* gx_row = gx + row * 4 * hidden;
+    const auto pre_activation = [&](int64_t gate) {
+      return _mm512_add_ps(_mm512_load_ps(pre[row] + gate * kBlockUnits),
+                           _mm512_maskz_loadu_ps(lanes, gx_row + gate * hidden));
+    };
+    const __m512 i = sigmoid16(pre_activation(0)), f = sigmoid16(pre_activation(1)), g = tanh16(pre_activation(2));
+    o[row] = sigmoid16(pre_activation(3));
+    c_t[row] = _mm512_fmadd_ps(f, _mm512_maskz_loadu_ps(lanes, c_prev + row * hidden), _mm512_mul_ps(i, g));
+    if (gates != nullptr) {
+      float* gates_row = gates + row * 4 * hidden;
+      _mm512_mask_storeu_ps(gates_row, lanes, i);
+      _mm512_mask_storeu_ps(gates_row + hidden, lanes, f);
+      _mm512_mask_storeu_ps(gates_row + 2 * hidden, lanes, g);
+      _mm512_mask_storeu_ps(gates_row + 3 * hidden, lanes, o[row]);
+    }
+    _mm512_mask_storeu_ps(c + row * hidden, lanes, c_t[row]);
   }
-  _mm512_mask_storeu_ps(c, lanes, c_t);
-  _mm512_mask_storeu_ps(r, lanes, _mm512_mul_ps(o, tanh16(c_t)));
+  for (int64_t row = 0; row < tile; ++row) {
+    _mm512_mask_storeu_ps(r + row * hidden, lanes, _mm512_mul_ps(o[row], tanh16(c_t[row])));
+  }
 }
 
 // out[i] = a[i] (depth) times one packed panel (depth x 64), for the R rows of a tile.
@@ -291,11 +301,8 @@ void step_panel(const float* h_prev, int64_t rows, int64_t depth,
     const float* a[kTileRows];
     for (int64_t i = 0; i < tile; ++i) a[i] = h_prev + (r0 + i) * depth;
     panel_rows(tile, a, depth, panel, pre);
-    for (int64_t i = 0; i < tile; ++i) {
-      const int64_t row = r0 + i;
-      cell_block(pre[i], gx + row * 4 * hidden, c_prev + row * hidden, gates ? gates + row * 4 * hidden : nullptr,
-                 c + row * hidden, r + row * hidden, hidden, units);
-    }
+    cell_tile(pre, tile, gx + r0 * 4 * hidden, c_prev + r0 * hidden, gates ? gates + r0 * 4 * hidden : nullptr,
+              c + r0 * hidden, r + r0 * hidden, hidden, units);
   }
 }
 
