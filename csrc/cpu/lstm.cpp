@@ -335,6 +335,47 @@ void feedback_panel(const float* d_gates_next, int64_t continuing,
     }
   }
 }
+// Transposes 16 rows of 16 floats in registers: rows[k] becomes column k. Within 128-bit lanes, unpack then
+// shuffle_ps gather each lane's element m of 4 rows; shuffle_f32x4 twice then moves the 4 rows' lanes together.
+FASTENC_INLINE void transpose16(__m512 (&rows)[16]) {
+  __m512 pairs[16], quads[16];
+  for (int i = 0; i < 16; i += 2) {
+    pairs[i] = _mm512_unpacklo_ps(rows[i], rows[i + 1]);      // per lane: r_i[0] r_i+1[0] r_i[1] r_i+1[1]
+    pairs[i + 1] = _mm512_unpackhi_ps(rows[i], rows[i + 1]);  // per lane: r_i[2] r_i+1[2] r_i[3] r_i+1[3]
+  }
+  for (int j = 0; j < 16; j += 4) {  // quads[j + m], lane L: element 4L + m of rows j .. j + 3
+    quads[j] = _mm512_shuffle_ps(pairs[j], pairs[j + 2], 0x44);
+    quads[j + 1] = _mm512_shuffle_ps(pairs[j], pairs[j + 2], 0xEE);
+    quads[j + 2] = _mm512_shuffle_ps(pairs[j + 1], pairs[j + 3], 0x44);
+    quads[j + 3] = _mm512_shuffle_ps(pairs[j + 1], pairs[j + 3], 0xEE);
+  }
+  for (int m = 0; m < 4; ++m) {
+    const __m512 low_a = _mm512_shuffle_f32x4(quads[m], quads[4 + m], 0x44);    // lanes 0 1 of rows 0-7
+    const __m512 high_a = _mm512_shuffle_f32x4(quads[m], quads[4 + m], 0xEE);   // lanes 2 3 of rows 0-7
+    const __m512 low_b = _mm512_shuffle_f32x4(quads[8 + m], quads[12 + m], 0x44);
+    const __m512 high_b = _mm512_shuffle_f32x4(quads[8 + m], quads[12 + m], 0xEE);
+    rows[m] = _mm512_shuffle_f32x4(low_a, low_b, 0x88);
+    rows[4 + m] = _mm512_shuffle_f32x4(low_a, low_b, 0xDD);
+    rows[8 + m] = _mm512_shuffle_f32x4(high_a, high_b, 0x88);
+    rows[12 + m] = _mm512_shuffle_f32x4(high_a, high_b, 0xDD);
+  }
+}
+
+// W's rows [row0, row0 + units) (units <= 16; row stride `depth`) transposed into out[k * kPanel + u], k < depth,
+// the missing units zero: one gate of one forward panel. 16 x 16 blocks through registers.
+void pack_gate_block(const float* w, int64_t row0, int64_t units, int64_t depth, float* out) {
+  for (int64_t k0 = 0; k0 < depth; k0 += 16) {
+    const int64_t width = std::min<int64_t>(16, depth - k0);
+    const __mmask16 columns = static_cast<__mmask16>((1u << width) - 1);
+    __m512 block[16];
+    for (int64_t u = 0; u < 16; ++u) {
+      block[u] = u < units ? _mm512_maskz_loadu_ps(columns, w + (row0 + u) * depth + k0) : _mm512_setzero_ps();
+    }
+    transpose16(block);
+    for (int64_t k = 0; k < width; ++k) _mm512_storeu_ps(out + (k0 + k) * kPanel, block[k]);
+  }
+}
+
 #pragma GCC pop_options
 #endif
 
@@ -385,9 +426,10 @@ bool lstm_fused_step_cpu_available(const at::Tensor& w_hh) {
 #endif
 }
 
-// The packs write each panel in one pass, a panel per task (a copy through zeros, a strided copy and a permute was
-// three serial passes: ~0.25 ms of a forward at hidden 256, more than two steps).
+// The packs write a panel per task (a copy through zeros, a strided copy and a permute was three serial passes:
+// ~0.25 ms of a forward at hidden 256, more than two steps; the forward's scalar transpose, ~0.13 ms).
 at::Tensor lstm_pack_recurrent_cpu(const at::Tensor& w_hh) {
+#ifdef FASTENC_FUSED_STEP
   const int64_t hidden = w_hh.size(0) / 4, depth = w_hh.size(1), panels = (hidden + kBlockUnits - 1) / kBlockUnits;
   const auto w = w_hh.contiguous();
   auto packed = at::empty({panels, depth, 4, kBlockUnits}, w.options());  // [panel][k][gate][unit]
@@ -395,20 +437,16 @@ at::Tensor lstm_pack_recurrent_cpu(const at::Tensor& w_hh) {
   float* dst = packed.data_ptr<float>();
   at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
-      // k outermost: the writes run contiguously and the reads walk 64 rows of W_hh side by side, whose cache
-      // lines stay in L1 for 16 values of k.
-      const int64_t units = std::min(kBlockUnits, hidden - p * kBlockUnits);
-      float* out = dst + p * depth * kPanel;
-      for (int64_t k = 0; k < depth; ++k) {
-        for (int64_t gate = 0; gate < 4; ++gate, out += kBlockUnits) {
-          const float* col = src + (gate * hidden + p * kBlockUnits) * depth + k;  // W_hh[gate, unit, k]
-          for (int64_t u = 0; u < units; ++u) out[u] = col[u * depth];
-          std::fill(out + units, out + kBlockUnits, 0.0f);  // zero padding
-        }
+      const int64_t unit0 = p * kBlockUnits, units = std::min(kBlockUnits, hidden - unit0);
+      for (int64_t gate = 0; gate < 4; ++gate) {
+        pack_gate_block(src, gate * hidden + unit0, units, depth, dst + p * depth * kPanel + gate * kBlockUnits);
       }
     }
   });
   return packed;
+#else
+  TORCH_CHECK(false, "the fused LSTM step needs an x86 build (lstm_fused_step_cpu_available says so)");
+#endif
 }
 
 void lstm_step_forward_cpu(const float* h_prev, int64_t rows, int64_t proj, int64_t hidden, const at::Tensor& packed,
