@@ -3,8 +3,9 @@
 // (h_{t-1} W_hh^T) and one fused pointwise cell (adds the step's input gates, activates, writes the saved gates,
 // updates c and h), or on x86 CPUs with AVX-512 one fused step kernel doing both (cpu/lstm.cpp), the backward
 // likewise; in the backward dx and the weight gradients are one GEMM each over all steps after the loop. The fused
-// path (without a projection) gives each thread a share of the batch to take through the whole sequence: rows of
-// an LSTM never read each other, so the threads never wait for each other.
+// path without a projection goes further: the step's product takes in x_t W_ih^T too (no GEMM before the loop),
+// and each thread takes a share of the batch through the whole sequence: rows of an LSTM never read each other,
+// so the threads never wait for each other.
 //
 // Rows: x is (T, B, I), or (N, I) packed with batch_sizes; either way N flat rows, step t owning rows
 // off_t .. off_t + n_t. A step reads h_{t-1} from the rows of the step processed before it (out) and c_{t-1} from
@@ -136,8 +137,6 @@ class Linear {
     scratch_ = at::empty({rows, w.size(0)}, w.options());
   }
 
-  bool reentrant() const { return linear_.has_value(); }  // calls may overlap (no scratch is shared)
-
   at::Tensor operator()(const at::Tensor& x) {
     if (!linear_.has_value()) {
       auto out = scratch_.narrow(0, 0, x.size(0));
@@ -180,8 +179,6 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& b) {
   }
   return at::mm(a, b);
 }
-
-constexpr int64_t kChunkSteps = 8;
 
 // A thread's share of the batch in the fused steps: at least one whole row tile of the step kernel (6 rows).
 constexpr int64_t kMinShareRows = 6;
@@ -239,13 +236,11 @@ LstmForward lstm_layer_forward(const at::Tensor& x, const at::Tensor& h0, const 
   // cell in one pass (cpu/lstm.cpp). Elsewhere a GEMM (oneDNN on CPU, cuBLAS on CUDA), then the cell kernel.
   const bool fused = lstm_fused_step_cpu_available(w_hh);
   // The fused step without a projection takes raw rows: no tensor is made per step (each narrow costs ~0.7 us,
-  // several per step, against a step of ~100 us at hidden 256, batch 32). It also projects the input kChunkSteps
-  // steps at a time, just ahead, so the step reads its input gates from cache rather than memory.
+  // several per step, against a step of ~100 us at hidden 256, batch 32). Its product includes the input
+  // projection (x_t W_ih^T, W_ih packed as W_hh is), so there is no GEMM before the loop.
   const bool raw = fused && !proj_on;
-  // In x's dtype (tensor cores for half types on a GPU), as torch's F.linear before an LSTM.
-  Linear input_projection(w_ih, bias, raw ? std::min(rows, kChunkSteps * batch) : rows);
-  const auto gx = raw ? at::Tensor() : input_projection(x_rows).to(acc).contiguous();
-  const auto packed = fused ? lstm_pack_recurrent_cpu(w_hh) : at::Tensor();
+  const auto gx = raw ? at::Tensor() : Linear(w_ih, bias, rows)(x_rows).to(acc).contiguous();
+  const auto packed = fused ? lstm_pack_forward_cpu(w_hh) : at::Tensor();
   std::optional<Linear> recurrent;
   if (!fused) recurrent.emplace(w_hh.to(acc), std::nullopt, batch);
   const auto plan = make_schedule(batch_sizes, x.size(0), batch, reverse);
@@ -280,33 +275,25 @@ LstmForward lstm_layer_forward(const at::Tensor& x, const at::Tensor& h0, const 
     // The batch rows [b0, b1) through every step: their rows of a step are one contiguous range of its rows.
     auto scratch = acc_rows(2 * batch, hidden);  // rows gathered for h_{t-1} and c_{t-1}
     const auto h0_rows = h0.contiguous();
+    const auto x_in = x_rows.contiguous();
+    const auto packed_ih = lstm_pack_forward_cpu(w_ih);
+    const auto bias_row = bias.has_value() ? bias->contiguous() : at::zeros({4 * hidden}, acc_options);
+    const int64_t input_size = x_in.size(1);
     float *const out_p = out.data_ptr<float>(), *const cs_p = cs.data_ptr<float>(),
                  *const gates_p = gates.data_ptr<float>(), *const scratch_p = scratch.data_ptr<float>();
-    const float *const h0_p = h0_rows.data_ptr<float>(), *const c0_p = c0_acc.data_ptr<float>();
+    const float *const h0_p = h0_rows.data_ptr<float>(), *const c0_p = c0_acc.data_ptr<float>(),
+                *const x_p = x_in.data_ptr<float>(), *const bias_p = bias_row.data_ptr<float>();
     const auto forward_rows = [&](int64_t b0, int64_t b1) {
       const auto mine = [&](int64_t n) { return std::clamp<int64_t>(n - b0, 0, b1 - b0); };  // of a step's n rows
       float *const h_scratch = scratch_p + b0 * hidden, *const c_scratch = scratch_p + (batch + b0) * hidden;
-      at::Tensor gx_chunk;
-      std::vector<int64_t> gx_row(steps);  // each step's first row in its chunk's input gates
       for (int64_t k = 0; k < steps; ++k) {
-        if (k % kChunkSteps == 0) {  // the input gates of the next kChunkSteps steps' rows, one GEMM
-          std::vector<at::Tensor> x_chunk;
-          int64_t chunk_rows = 0;
-          for (int64_t j = k; j < std::min(k + kChunkSteps, steps); ++j) {
-            gx_row[j] = chunk_rows;
-            const int64_t n = mine(plan.steps[j].n);
-            if (n > 0) x_chunk.push_back(x_rows.narrow(0, plan.steps[j].off + b0, n));
-            chunk_rows += n;
-          }
-          if (chunk_rows > 0) gx_chunk = input_projection(x_chunk.size() == 1 ? x_chunk[0] : at::cat(x_chunk));
-        }
         const Step& s = plan.steps[k];
         const int64_t n = mine(s.n), prev_n = mine(s.prev_n);
         if (n == 0) continue;  // not started yet (the reverse direction of a packed batch)
         const auto [c_off, c_prev_off] = c_offsets(k);
         lstm_step_forward_cpu(
-            rows_before(out_p + (s.prev_off + b0) * hidden, prev_n, h0_p + b0 * hidden, n, hidden, h_scratch), n,
-            hidden, hidden, packed, gx_chunk.data_ptr<float>() + gx_row[k] * 4 * hidden,
+            rows_before(out_p + (s.prev_off + b0) * hidden, prev_n, h0_p + b0 * hidden, n, hidden, h_scratch),
+            x_p + (s.off + b0) * input_size, n, hidden, input_size, hidden, packed, packed_ih, bias_p, 0,
             rows_before(cs_p + (c_prev_off + b0) * hidden, prev_n, c0_p + b0 * hidden, n, hidden, c_scratch),
             save ? gates_p + (s.off + b0) * 4 * hidden : nullptr, cs_p + (c_off + b0) * hidden,
             out_p + (s.off + b0) * hidden);
@@ -316,8 +303,7 @@ LstmForward lstm_layer_forward(const at::Tensor& x, const at::Tensor& h0, const 
     // With more than one thread each takes a share of the batch through the whole sequence on its own: no step
     // waits for another thread (a step split over threads by panels does, every step, and reads the other
     // thread's half of h_{t-1} from its cache). Shares of equal work (a packed batch's rows, longest first, differ).
-    // The oneDNN projection may run in several threads at once; the at::mm fallback writes one scratch buffer.
-    in_shares(batch_shares(plan, batch, input_projection.reentrant() ? at::get_num_threads() : 1), forward_rows);
+    in_shares(batch_shares(plan, batch, at::get_num_threads()), forward_rows);
   }
   for (int64_t k = 0; !raw && k < steps; ++k) {  // the tensor path (the fused raw path ran above)
     const Step& s = plan.steps[k];
@@ -333,8 +319,8 @@ LstmForward lstm_layer_forward(const at::Tensor& x, const at::Tensor& h0, const 
     auto y = out.narrow(0, s.off, s.n);
     auto r = proj_on ? step_rows(rs, s.off, s.n) : (same ? y : r_scratch.narrow(0, 0, s.n));
     if (fused) {
-      lstm_step_forward_cpu(h_prev.contiguous().data_ptr<float>(), s.n, proj, hidden, packed,
-                            gx.data_ptr<float>() + s.off * 4 * hidden, c_prev.data_ptr<float>(),
+      lstm_step_forward_cpu(h_prev.contiguous().data_ptr<float>(), nullptr, s.n, proj, 0, hidden, packed, {},
+                            gx.data_ptr<float>() + s.off * 4 * hidden, 4 * hidden, c_prev.data_ptr<float>(),
                             save ? g.data_ptr<float>() : nullptr,
                             c.data_ptr<float>(), r.data_ptr<float>());
     } else {

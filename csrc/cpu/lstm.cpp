@@ -18,6 +18,7 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <span>
 
 #include "../lstm.h"
 #include "simd.h"
@@ -173,8 +174,11 @@ void backward_rows(const double* gates, const double* c, const double* c_prev, c
 }
 
 // ---- The fused steps (x86 with AVX-512, float32): the recurrent product and the cell in one pass ----------------
-// Both directions multiply a step's rows (R of them at a time) by a panel of 64 columns of W_hh, packed once per
-// sequence as [panel][k][64] so that a panel is one contiguous stream: R x 64 outputs are 4R zmm accumulators
+// Both directions multiply a step's rows (R of them at a time) by a panel of 64 columns of W_hh (the forward also
+// x_t by W_ih's, into the same accumulators: the input projection costs no GEMM, no pass over memory and no
+// oneDNN setup per call), packed once per sequence as [panel][k][64] so that a panel is one contiguous stream
+// (per step a thread streams all panels of both, ~2 MB at hidden 256, from L2 / L3; the FMAs still bound the
+// step): R x 64 outputs are 4R zmm accumulators
 // (R = 6: 24 of the 32 registers, + 4 for the panel's k-th row and 1 broadcast). The cell of a panel's units runs
 // right after their product. Where the driver gives each thread a share of the batch (csrc/lstm.cpp; batches of
 // 12 rows and more on 2 threads), a step runs on its share's thread; otherwise the threads split a step's panels
@@ -228,12 +232,12 @@ FASTENC_INLINE __m512 tanh16(__m512 x) {
 // pre (per row 4 gates x 16, the products) + the row's input gates, at column gate * H + unit. gates is null where
 // nothing keeps them (inference). Two passes: the rows' h = o tanh(c_t), each a latency-bound chain, come one
 // after another, so the core overlaps them (after its row's gates, one would stall the next row's start).
-FASTENC_INLINE void cell_tile(const float (*pre)[kPanel], int64_t tile, const float* gx, const float* c_prev,
-                              float* gates, float* c, float* r, int64_t hidden, int64_t units) {
+FASTENC_INLINE void cell_tile(const float (*pre)[kPanel], int64_t tile, const float* gx, int64_t gx_stride,
+                              const float* c_prev, float* gates, float* c, float* r, int64_t hidden, int64_t units) {
   const __mmask16 lanes = static_cast<__mmask16>((1u << units) - 1);
   __m512 c_t[kTileRows], o[kTileRows];
   for (int64_t row = 0; row < tile; ++row) {
-    const float* gx_row = gx + row * 4 * hidden;
+    const float* gx_row = gx + row * gx_stride;
     const auto pre_activation = [&](int64_t gate) {
       return _mm512_add_ps(_mm512_load_ps(pre[row] + gate * kBlockUnits),
                            _mm512_maskz_loadu_ps(lanes, gx_row + gate * hidden));
@@ -255,21 +259,29 @@ FASTENC_INLINE void cell_tile(const float (*pre)[kPanel], int64_t tile, const fl
   }
 }
 
-// out[i] = a[i] (depth) times one packed panel (depth x 64), for the R rows of a tile.
+// A product's operand: rows (one pointer per row of a tile) of `depth` values, times a packed panel (depth x 64).
+struct Operand {
+  const float* rows[kTileRows];
+  int64_t depth;
+  const float* panel;
+};
+
+// out[i] = the sum over the operands of their row i times their panel, for the R rows of a tile.
 template <int R>
-void panel_tile(const float* const* a, int64_t depth, const float* panel,
-                                                   float (*out)[kPanel]) {
+void panel_tile(const Operand* operands, int count, float (*out)[kPanel]) {
   __m512 acc[R][4];
   for (auto& row : acc) {
     for (auto& v : row) v = _mm512_setzero_ps();
   }
-  for (int64_t k = 0; k < depth; ++k) {
-    const float* wk = panel + k * kPanel;
-    const __m512 w[4] = {_mm512_load_ps(wk), _mm512_load_ps(wk + 16), _mm512_load_ps(wk + 32),
-                         _mm512_load_ps(wk + 48)};
-    for (int i = 0; i < R; ++i) {
-      const __m512 x = _mm512_set1_ps(a[i][k]);
-      for (int v = 0; v < 4; ++v) acc[i][v] = _mm512_fmadd_ps(x, w[v], acc[i][v]);
+  for (const Operand& op : std::span(operands, count)) {
+    for (int64_t k = 0; k < op.depth; ++k) {
+      const float* wk = op.panel + k * kPanel;
+      const __m512 w[4] = {_mm512_load_ps(wk), _mm512_load_ps(wk + 16), _mm512_load_ps(wk + 32),
+                           _mm512_load_ps(wk + 48)};
+      for (int i = 0; i < R; ++i) {
+        const __m512 x = _mm512_set1_ps(op.rows[i][k]);
+        for (int v = 0; v < 4; ++v) acc[i][v] = _mm512_fmadd_ps(x, w[v], acc[i][v]);
+      }
     }
   }
   for (int i = 0; i < R; ++i) {
@@ -277,32 +289,36 @@ void panel_tile(const float* const* a, int64_t depth, const float* panel,
   }
 }
 
-// panel_tile for the n (1 .. kTileRows) rows a[0 .. n).
-void panel_rows(int64_t n, const float* const* a, int64_t depth,
-                                                   const float* panel, float (*out)[kPanel]) {
+// panel_tile for n (1 .. kTileRows) rows.
+void panel_rows(int64_t n, const Operand* operands, int count, float (*out)[kPanel]) {
   switch (n) {
-    case 1: return panel_tile<1>(a, depth, panel, out);
-    case 2: return panel_tile<2>(a, depth, panel, out);
-    case 3: return panel_tile<3>(a, depth, panel, out);
-    case 4: return panel_tile<4>(a, depth, panel, out);
-    case 5: return panel_tile<5>(a, depth, panel, out);
-    default: return panel_tile<kTileRows>(a, depth, panel, out);
+    case 1: return panel_tile<1>(operands, count, out);
+    case 2: return panel_tile<2>(operands, count, out);
+    case 3: return panel_tile<3>(operands, count, out);
+    case 4: return panel_tile<4>(operands, count, out);
+    case 5: return panel_tile<5>(operands, count, out);
+    default: return panel_tile<kTileRows>(operands, count, out);
   }
 }
 
-// Rows x (one panel: the 4 gates of 16 units, `units` of them real): h_prev (rows x depth) times the panel, then
-// the cell of those units. The row / unit offsets of gx, c_prev, gates, c and r are the caller's.
-void step_panel(const float* h_prev, int64_t rows, int64_t depth,
-                                                   const float* panel, const float* gx, const float* c_prev,
-                                                   float* gates, float* c, float* r, int64_t hidden, int64_t units) {
+// Rows x (one panel: the 4 gates of 16 units, `units` of them real): h_prev (rows x depth) times the W_hh panel,
+// plus x (rows x input_size) times the W_ih panel where input_size > 0, then the cell of those units, whose input
+// gates are gx (row stride gx_stride: 0 for a bias alone). The row / unit offsets of gx, c_prev, gates, c and r
+// are the caller's.
+void step_panel(const float* h_prev, const float* x, int64_t rows, int64_t depth, int64_t input_size,
+                const float* panel_hh, const float* panel_ih, const float* gx, int64_t gx_stride, const float* c_prev,
+                float* gates, float* c, float* r, int64_t hidden, int64_t units) {
   alignas(64) float pre[kTileRows][kPanel];
   for (int64_t r0 = 0; r0 < rows; r0 += kTileRows) {
     const int64_t tile = std::min(kTileRows, rows - r0);
-    const float* a[kTileRows];
-    for (int64_t i = 0; i < tile; ++i) a[i] = h_prev + (r0 + i) * depth;
-    panel_rows(tile, a, depth, panel, pre);
-    cell_tile(pre, tile, gx + r0 * 4 * hidden, c_prev + r0 * hidden, gates ? gates + r0 * 4 * hidden : nullptr,
-              c + r0 * hidden, r + r0 * hidden, hidden, units);
+    Operand operands[2] = {{{}, depth, panel_hh}, {{}, input_size, panel_ih}};
+    for (int64_t i = 0; i < tile; ++i) {
+      operands[0].rows[i] = h_prev + (r0 + i) * depth;
+      operands[1].rows[i] = x + (r0 + i) * input_size;
+    }
+    panel_rows(tile, operands, input_size > 0 ? 2 : 1, pre);
+    cell_tile(pre, tile, gx + r0 * gx_stride, gx_stride, c_prev + r0 * hidden,
+              gates ? gates + r0 * 4 * hidden : nullptr, c + r0 * hidden, r + r0 * hidden, hidden, units);
   }
 }
 
@@ -319,9 +335,9 @@ void feedback_panel(const float* d_gates_next, int64_t continuing,
   for (int64_t r0 = 0; r0 < rows; r0 += kTileRows) {
     const int64_t tile = std::min(kTileRows, rows - r0);
     const int64_t fed = std::clamp<int64_t>(continuing - r0, 0, tile);  // this tile's rows that feed back
-    const float* a[kTileRows];
-    for (int64_t i = 0; i < fed; ++i) a[i] = d_gates_next + (r0 + i) * depth;
-    if (fed > 0) panel_rows(fed, a, depth, panel, product);
+    Operand next{{}, depth, panel};
+    for (int64_t i = 0; i < fed; ++i) next.rows[i] = d_gates_next + (r0 + i) * depth;
+    if (fed > 0) panel_rows(fed, &next, 1, product);
     for (int64_t i = 0; i < tile; ++i) {
       const int64_t row = r0 + i;
       const float* d_out_row = d_out + row * hidden + unit0;
@@ -428,10 +444,10 @@ bool lstm_fused_step_cpu_available(const at::Tensor& w_hh) {
 
 // The packs write a panel per task (a copy through zeros, a strided copy and a permute was three serial passes:
 // ~0.25 ms of a forward at hidden 256, more than two steps; the forward's scalar transpose, ~0.13 ms).
-at::Tensor lstm_pack_recurrent_cpu(const at::Tensor& w_hh) {
+at::Tensor lstm_pack_forward_cpu(const at::Tensor& weight) {
 #ifdef FASTENC_FUSED_STEP
-  const int64_t hidden = w_hh.size(0) / 4, depth = w_hh.size(1), panels = (hidden + kBlockUnits - 1) / kBlockUnits;
-  const auto w = w_hh.contiguous();
+  const int64_t hidden = weight.size(0) / 4, depth = weight.size(1), panels = (hidden + kBlockUnits - 1) / kBlockUnits;
+  const auto w = weight.contiguous();
   auto packed = at::empty({panels, depth, 4, kBlockUnits}, w.options());  // [panel][k][gate][unit]
   const float* src = w.data_ptr<float>();
   float* dst = packed.data_ptr<float>();
@@ -449,14 +465,18 @@ at::Tensor lstm_pack_recurrent_cpu(const at::Tensor& w_hh) {
 #endif
 }
 
-void lstm_step_forward_cpu(const float* h_prev, int64_t rows, int64_t proj, int64_t hidden, const at::Tensor& packed,
-                           const float* gates_x, const float* c_prev, float* gates, float* c, float* r) {
+void lstm_step_forward_cpu(const float* h_prev, const float* x, int64_t rows, int64_t proj, int64_t input_size,
+                           int64_t hidden, const at::Tensor& packed_hh, const at::Tensor& packed_ih,
+                           const float* gates_x, int64_t gates_x_stride, const float* c_prev, float* gates, float* c,
+                           float* r) {
 #ifdef FASTENC_FUSED_STEP
-  const float* w = packed.data_ptr<float>();
-  at::parallel_for(0, packed.size(0), 1, [&](int64_t begin, int64_t end) {
+  const float* w_hh = packed_hh.data_ptr<float>();
+  const float* w_ih = input_size > 0 ? packed_ih.data_ptr<float>() : nullptr;
+  at::parallel_for(0, packed_hh.size(0), 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       const int64_t unit = p * kBlockUnits;
-      step_panel(h_prev, rows, proj, w + p * proj * kPanel, gates_x + unit, c_prev + unit,
+      step_panel(h_prev, x, rows, proj, input_size, w_hh + p * proj * kPanel,
+                 w_ih ? w_ih + p * input_size * kPanel : nullptr, gates_x + unit, gates_x_stride, c_prev + unit,
                  gates ? gates + unit : nullptr, c + unit, r + unit, hidden, std::min(kBlockUnits, hidden - unit));
     }
   });
