@@ -289,8 +289,8 @@ def lstm_layer(
     length; output is then packed the same way). h0: (B, P), c0: (B, H) or None for zeros, where H is the hidden
     size (weight_ih is (4H, input_size), gates i, f, g, o) and P the projection size (weight_hr (P, H)) or H.
     reverse=True runs the sequence backwards (the second direction of a bidirectional LSTM).
-    The layer is the fused op fastenc::lstm_layer: the input projection of all steps as one GEMM, then the
-    recurrence.
+    The layer is the fused op fastenc::lstm_layer: the input projection of all steps as one GEMM (on AVX-512
+    CPUs, inside each step's fused kernel), then the recurrence.
     Under autocast the layer runs in the autocast dtype, as torch's LSTM does.
     """
     if not isinstance(input, Tensor) or input.dtype not in _FLOAT_DTYPES:

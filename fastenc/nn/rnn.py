@@ -15,7 +15,7 @@ class LSTM(torch.nn.LSTM):
 
     Same forward: (T, B, I) input (or (B, T, I) with batch_first), unbatched (T, I), or a PackedSequence (sorted or
     not), with optional (h0, c0); returns (output, (h_n, c_n)). Each layer and direction is one call of
-    `fastenc.functional.lstm_layer`: one GEMM for the input projection of all steps, then the fused recurrence.
+    `fastenc.functional.lstm_layer`: the input projection of all steps, then the fused recurrence.
     Dropout (torch's F.dropout, in training only) applies to every layer's output but the last, as torch does.
     """
 

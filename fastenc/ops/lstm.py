@@ -1,8 +1,9 @@
 """fastenc::lstm_layer: one LSTM layer in one direction as a torch.library custom op, one autograd for all backends.
 
-The op is the whole layer: the input projection of every step (one GEMM, gates_x = x @ W_ih^T + bias) and the
-recurrence; so each backend computes the projection's gradients (dx, dW_ih, d bias) with the GEMMs it runs fastest
-(the native CPU backend through oneDNN, which torch's own matmul does not use for float32).
+The op is the whole layer: the input projection of every step (gates_x = x @ W_ih^T + bias: one GEMM, or inside
+the native CPU backend's fused step kernel on AVX-512) and the recurrence; so each backend computes the
+projection's gradients (dx, dW_ih, d bias) with the GEMMs it runs fastest (the native CPU backend through oneDNN,
+which torch's own matmul does not use for float32).
 Gate order i, f, g, o (torch's). P = proj_size if W_hr is given, else H.
 
 Contract every implementation follows (reference, kernels/lstm.py, fastenc._C from csrc/lstm.cpp):
