@@ -124,8 +124,9 @@ void forward_kernel(const scalar_t* x, const scalar_t* residual, const acc_t* w,
 
 // dx for rows [begin, end), and their dweight / dbias contributions added into dw / db (this chunk's own rows).
 template <typename scalar_t, typename acc_t>
-FASTENC_INLINE void backward_rows(const scalar_t* dy, const scalar_t* dsum, const scalar_t* xs, const acc_t* w, const acc_t* mean,
-                   const acc_t* rstd, scalar_t* dx, acc_t* dw, acc_t* db, int64_t n, int64_t begin, int64_t end) {
+FASTENC_INLINE void backward_rows(const scalar_t* dy, const scalar_t* dsum, const scalar_t* xs, const acc_t* w,
+                                  const acc_t* mean, const acc_t* rstd, scalar_t* dx, acc_t* dw, acc_t* db, int64_t n,
+                                  int64_t begin, int64_t end) {
   std::vector<acc_t> scratch(3 * n);
   acc_t* g = scratch.data();       // dy * w
   acc_t* xhat = g + n;             // (xs - mean) * rstd

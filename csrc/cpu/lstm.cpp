@@ -222,7 +222,8 @@ FASTENC_INLINE __m512 tanh16(__m512 x) {
   const __m512 near_zero = _mm512_fmadd_ps(_mm512_mul_ps(x, z), p, x);
   const __m512 a = _mm512_abs_ps(x);
   const __m512 one = _mm512_set1_ps(1.0f);
-  const __m512 far = _mm512_sub_ps(one, _mm512_div_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(exp16(_mm512_add_ps(a, a)), one)));
+  const __m512 e = exp16(_mm512_add_ps(a, a));
+  const __m512 far = _mm512_sub_ps(one, _mm512_div_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(e, one)));
   const __m512i sign = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(INT32_MIN));
   const __m512 signed_far = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(far), sign));
   return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, _mm512_set1_ps(0.625f), _CMP_LT_OQ), signed_far, near_zero);
@@ -324,11 +325,9 @@ void step_panel(const float* h_prev, const float* x, int64_t rows, int64_t depth
 
 // One panel (units unit0 .. unit0 + units) of a backward step over `rows` rows, the first `continuing` of which
 // feed d_gates_next (their rows of the next step) back. All pointers at row 0 / column 0.
-void feedback_panel(const float* d_gates_next, int64_t continuing,
-                                                       const float* d_out, const float* d_hn, const float* panel,
-                                                       const float* gates, const float* c, const float* c_prev,
-                                                       float* dc, float* d_gates, int64_t rows, int64_t hidden,
-                                                       int64_t unit0, int64_t units) {
+void feedback_panel(const float* d_gates_next, int64_t continuing, const float* d_out, const float* d_hn,
+                    const float* panel, const float* gates, const float* c, const float* c_prev, float* dc,
+                    float* d_gates, int64_t rows, int64_t hidden, int64_t unit0, int64_t units) {
   alignas(64) float product[kTileRows][kPanel];
   float dr[kPanel];
   const int64_t depth = 4 * hidden;
