@@ -69,6 +69,16 @@ def _run(module, kind, inputs, seed=2, lengths=LENGTHS):
     return [t.detach() for t in (out, h_n, c_n)] + list(grads)
 
 
+def _check_inference_against_torch(ours, theirs, inputs):
+    """Without autograd the layers take other paths (nothing saved, no gates stored): output, h_n and c_n against
+    torch's, both measured against a float64 copy of torch's module."""
+    with torch.no_grad():
+        got, want = ours(inputs[0], inputs[1:]), theirs(inputs[0], inputs[1:])
+        exact = copy.deepcopy(theirs).double()(inputs[0].double(), tuple(t.double() for t in inputs[1:]))
+    flat = lambda result: [result[0], *result[1]]  # noqa: E731
+    compare_with_oracle(["output", "h_n", "c_n"], flat(got), flat(want), flat(exact))
+
+
 def _names(module, with_hx):
     return ["output", "h_n", "c_n", "d input"] + (["d h0", "d c0"] if with_hx else []) + [
         f"d {name}" for name, _ in module.named_parameters()]
@@ -142,6 +152,17 @@ def test_long_sequence_error_growth(lstm_backend):
     assert torch.isfinite(got[0]).all()
 
 
+def test_sizes_off_the_tiles(lstm_backend):
+    """Input and hidden sizes that are no multiple of the native CPU step's tiles (16 units a panel, 16 x 16
+    blocks in its weight packing, 6 rows a tile): several whole panels and a partial one, whole and partial depth
+    blocks, a batch over two thread shares with a partial row tile; inference and training."""
+    name, device = lstm_backend
+    ours, theirs = _modules(device, seed=5, input_size=37, hidden=45, bidirectional=True)
+    inputs = _inputs(theirs, "batched", True, device, steps=5, batch=13)
+    _check_against_torch(ours, theirs, "batched", inputs)
+    _check_inference_against_torch(ours, theirs, inputs)
+
+
 def test_full_size_on_a_compiled_backend(lstm_backend):
     """The benchmark's CPU size (hidden 256, batch 32, T 128), a bidirectional layer with a projection off and
     on, where the interpreter is not in the way (native on CPU, every backend on a GPU)."""
@@ -153,12 +174,7 @@ def test_full_size_on_a_compiled_backend(lstm_backend):
                                 proj_size=proj)
         inputs = _inputs(theirs, "batched", True, device, steps=128, batch=32)
         _check_against_torch(ours, theirs, "batched", inputs)
-        # Inference takes other paths (nothing saved; on CPU the input projection through oneDNN).
-        with torch.no_grad():
-            got, want = ours(inputs[0], inputs[1:]), theirs(inputs[0], inputs[1:])
-            exact = copy.deepcopy(theirs).double()(inputs[0].double(), tuple(t.double() for t in inputs[1:]))
-        flat = lambda result: [result[0], *result[1]]  # noqa: E731
-        compare_with_oracle(["output", "h_n", "c_n"], flat(got), flat(want), flat(exact))
+        _check_inference_against_torch(ours, theirs, inputs)
     assert backends.last_used()["lstm"] == name
 
 
