@@ -382,26 +382,29 @@ LstmBackward lstm_layer_backward(const at::Tensor& d_out, const at::Tensor& d_hn
   auto dc = d_cn.to(acc, /*non_blocking=*/false, /*copy=*/true, at::MemoryFormat::Contiguous);  // updated in place
 
   if (fused) {
-    // As the fused forward: each thread takes a share of the batch (rows [b0, b1)) through every step.
+    // As the fused forward: each thread takes a share of the batch (rows [b0, b1)) through every step, on raw
+    // rows (no tensors made per step).
+    auto c_scratch = at::empty({batch, hidden}, g_all.options());  // c_{t-1} rows gathered from cs and c0
+    const float *const g_p = g_all.data_ptr<float>(), *const c_p = c_all.data_ptr<float>(),
+                *const d_out_p = d_out_acc.data_ptr<float>(), *const d_hn_p = d_hn_acc.data_ptr<float>(),
+                *const c0_p = c0_acc.data_ptr<float>();
+    float *const d_gates_p = d_gates.data_ptr<float>(), *const dc_p = dc.data_ptr<float>(),
+                 *const c_scratch_p = c_scratch.data_ptr<float>();
     const auto backward_rows = [&](int64_t b0, int64_t b1) {
       const auto mine = [&](int64_t n) { return std::clamp<int64_t>(n - b0, 0, b1 - b0); };  // of a step's n rows
-      const auto d_hn_rows = d_hn_acc.narrow(0, b0, b1 - b0), c0_rows = c0_acc.narrow(0, b0, b1 - b0);
       Step next{0, 0, 0, 0};  // the step processed after this one in the forward
       for (auto it = plan.steps.rbegin(); it != plan.steps.rend(); ++it) {
         const Step& s = *it;
         const int64_t n = mine(s.n), k = std::min(n, mine(next.n)), next_off = next.off + b0;  // rows going on
         next = s;
         if (n == 0) continue;
-        // Where a step has none of this share's rows, its offset + b0 may lie past the last row: narrow from 0.
-        const auto share_rows = [](const at::Tensor& t, int64_t off, int64_t count) {
-          return t.narrow(0, count > 0 ? off : 0, count);
-        };
-        const int64_t off = s.off + b0, prev_n = mine(s.prev_n);
-        const auto c_prev = rows_before(share_rows(c_all, s.prev_off + b0, prev_n), c0_rows, n).contiguous();
-        auto dc_rows = dc.narrow(0, b0, n);
-        auto dg = d_gates.narrow(0, off, n);
-        lstm_step_backward_cpu(share_rows(d_gates, next_off, k), k, d_out_acc.narrow(0, off, n), d_hn_rows, packed,
-                               g_all.narrow(0, off, n), c_all.narrow(0, off, n), c_prev, dc_rows, dg);
+        const int64_t off = s.off + b0;
+        const float* c_prev = rows_before(c_p + (s.prev_off + b0) * hidden, mine(s.prev_n), c0_p + b0 * hidden, n,
+                                          hidden, c_scratch_p + b0 * hidden);
+        // Where no rows go on, next_off may lie past the last row: no pointer is formed there.
+        lstm_step_backward_cpu(k > 0 ? d_gates_p + next_off * 4 * hidden : nullptr, k, d_out_p + off * hidden,
+                               d_hn_p + b0 * hidden, packed, g_p + off * 4 * hidden, c_p + off * hidden, c_prev,
+                               dc_p + b0 * hidden, d_gates_p + off * 4 * hidden, n, hidden);
       }
     };
     in_shares(batch_shares(plan, batch, at::get_num_threads()), backward_rows);

@@ -50,11 +50,12 @@ void lstm_step_forward_cpu(const float* h_prev, const float* x, int64_t rows, in
                            float* r);
 // Its backward step, without a projection (P = H): from the next step's d_gates (its first `continuing` rows are
 // this step's rows that go on), d_out and d_hn (the step's rows of each) writes d_gates and updates dc as
-// lstm_cell_backward_cpu with dr = dh; W_hh packed once per sequence by lstm_pack_feedback_cpu.
+// lstm_cell_backward_cpu with dr = dh; W_hh packed once per sequence by lstm_pack_feedback_cpu. Raw rows as the
+// forward step's (`rows` of them, strides 4H, H, H, 4H, H, H, H, 4H).
 at::Tensor lstm_pack_feedback_cpu(const at::Tensor& w_hh);
-void lstm_step_backward_cpu(const at::Tensor& d_gates_next, int64_t continuing, const at::Tensor& d_out,
-                            const at::Tensor& d_hn, const at::Tensor& packed, const at::Tensor& gates,
-                            const at::Tensor& c, const at::Tensor& c_prev, at::Tensor& dc, at::Tensor& d_gates);
+void lstm_step_backward_cpu(const float* d_gates_next, int64_t continuing, const float* d_out, const float* d_hn,
+                            const at::Tensor& packed, const float* gates, const float* c, const float* c_prev,
+                            float* dc, float* d_gates, int64_t rows, int64_t hidden);
 #ifdef FASTENC_WITH_CUDA
 void lstm_cell_forward_cuda(const at::Tensor& hw, const at::Tensor& gates_x, const at::Tensor& c_prev,
                             at::Tensor& gates, at::Tensor& c, at::Tensor& r);

@@ -503,25 +503,16 @@ at::Tensor lstm_pack_feedback_cpu(const at::Tensor& w_hh) {
   return packed;
 }
 
-void lstm_step_backward_cpu(const at::Tensor& d_gates_next, int64_t continuing, const at::Tensor& d_out,
-                            const at::Tensor& d_hn, const at::Tensor& packed, const at::Tensor& gates,
-                            const at::Tensor& c, const at::Tensor& c_prev, at::Tensor& dc, at::Tensor& d_gates) {
+void lstm_step_backward_cpu(const float* d_gates_next, int64_t continuing, const float* d_out, const float* d_hn,
+                            const at::Tensor& packed, const float* gates, const float* c, const float* c_prev,
+                            float* dc, float* d_gates, int64_t rows, int64_t hidden) {
 #ifdef FASTENC_FUSED_STEP
-  const int64_t rows = gates.size(0), hidden = c.size(1), panels = packed.size(0);
-  const float* next = d_gates_next.data_ptr<float>();
-  const float* dout = d_out.data_ptr<float>();
-  const float* dhn = d_hn.data_ptr<float>();
   const float* w = packed.data_ptr<float>();
-  const float* g = gates.data_ptr<float>();
-  const float* cc = c.data_ptr<float>();
-  const float* cp = c_prev.data_ptr<float>();
-  float* dcc = dc.data_ptr<float>();
-  float* dg = d_gates.data_ptr<float>();
-  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, packed.size(0), 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       const int64_t unit0 = p * kPanel;
-      feedback_panel(next, continuing, dout, dhn, w + p * 4 * hidden * kPanel, g, cc, cp, dcc, dg, rows, hidden,
-                     unit0, std::min(kPanel, hidden - unit0));
+      feedback_panel(d_gates_next, continuing, d_out, d_hn, w + p * 4 * hidden * kPanel, gates, c, c_prev, dc,
+                     d_gates, rows, hidden, unit0, std::min(kPanel, hidden - unit0));
     }
   });
 #else
