@@ -232,15 +232,22 @@ LstmForward lstm_layer_forward(const at::Tensor& x, const at::Tensor& h0, const 
   const auto x_rows = x.reshape({-1, x.size(-1)});
   const int64_t rows = x_rows.size(0);
   const auto acc_options = x.options().dtype(acc);
-  // Fused (x86 CPUs with AVX-512, float32): our own step kernel, the recurrent product and the
-  // cell in one pass (cpu/lstm.cpp). Elsewhere a GEMM (oneDNN on CPU, cuBLAS on CUDA), then the cell kernel.
+  // Fused (x86 CPUs with AVX-512, float32): our own step kernel, the input projection x_t W_ih^T, the recurrent
+  // product and the cell in one pass (cpu/lstm.cpp; W_ih packed as W_hh is, the bias added at the cell), so there
+  // is no GEMM before the loop. Elsewhere the input projection of all steps as one GEMM first, then per step a GEMM
+  // (oneDNN on CPU, cuBLAS on CUDA) and the cell kernel.
   const bool fused = lstm_fused_step_cpu_available(w_hh);
   // The fused step without a projection takes raw rows: no tensor is made per step (each narrow costs ~0.7 us,
-  // several per step, against a step of ~100 us at hidden 256, batch 32). Its product includes the input
-  // projection (x_t W_ih^T, W_ih packed as W_hh is), so there is no GEMM before the loop.
+  // several per step, against a step of ~100 us at hidden 256, batch 32).
   const bool raw = fused && !proj_on;
-  const auto gx = raw ? at::Tensor() : Linear(w_ih, bias, rows)(x_rows).to(acc).contiguous();
+  const auto gx = fused ? at::Tensor() : Linear(w_ih, bias, rows)(x_rows).to(acc).contiguous();
   const auto packed = fused ? lstm_pack_forward_cpu(w_hh) : at::Tensor();
+  const auto packed_ih = fused ? lstm_pack_forward_cpu(w_ih) : at::Tensor();
+  const auto x_in = fused ? x_rows.contiguous() : at::Tensor();
+  const auto bias_row = !fused             ? at::Tensor()
+                        : bias.has_value() ? bias->contiguous()
+                                           : at::zeros({4 * hidden}, acc_options);
+  const int64_t input_size = x_rows.size(1);
   std::optional<Linear> recurrent;
   if (!fused) recurrent.emplace(w_hh.to(acc), std::nullopt, batch);
   const auto plan = make_schedule(batch_sizes, x.size(0), batch, reverse);
@@ -275,10 +282,6 @@ LstmForward lstm_layer_forward(const at::Tensor& x, const at::Tensor& h0, const 
     // The batch rows [b0, b1) through every step: their rows of a step are one contiguous range of its rows.
     auto scratch = acc_rows(2 * batch, hidden);  // rows gathered for h_{t-1} and c_{t-1}
     const auto h0_rows = h0.contiguous();
-    const auto x_in = x_rows.contiguous();
-    const auto packed_ih = lstm_pack_forward_cpu(w_ih);
-    const auto bias_row = bias.has_value() ? bias->contiguous() : at::zeros({4 * hidden}, acc_options);
-    const int64_t input_size = x_in.size(1);
     float *const out_p = out.data_ptr<float>(), *const cs_p = cs.data_ptr<float>(),
                  *const gates_p = gates.data_ptr<float>(), *const scratch_p = scratch.data_ptr<float>();
     const float *const h0_p = h0_rows.data_ptr<float>(), *const c0_p = c0_acc.data_ptr<float>(),
@@ -293,7 +296,7 @@ LstmForward lstm_layer_forward(const at::Tensor& x, const at::Tensor& h0, const 
         const auto [c_off, c_prev_off] = c_offsets(k);
         lstm_step_forward_cpu(
             rows_before(out_p + (s.prev_off + b0) * hidden, prev_n, h0_p + b0 * hidden, n, hidden, h_scratch),
-            x_p + (s.off + b0) * input_size, n, hidden, input_size, hidden, packed, packed_ih, bias_p, 0,
+            x_p + (s.off + b0) * input_size, n, hidden, input_size, hidden, packed, packed_ih, bias_p,
             rows_before(cs_p + (c_prev_off + b0) * hidden, prev_n, c0_p + b0 * hidden, n, hidden, c_scratch),
             save ? gates_p + (s.off + b0) * 4 * hidden : nullptr, cs_p + (c_off + b0) * hidden,
             out_p + (s.off + b0) * hidden);
@@ -319,10 +322,10 @@ LstmForward lstm_layer_forward(const at::Tensor& x, const at::Tensor& h0, const 
     auto y = out.narrow(0, s.off, s.n);
     auto r = proj_on ? step_rows(rs, s.off, s.n) : (same ? y : r_scratch.narrow(0, 0, s.n));
     if (fused) {
-      lstm_step_forward_cpu(h_prev.contiguous().data_ptr<float>(), nullptr, s.n, proj, 0, hidden, packed, {},
-                            gx.data_ptr<float>() + s.off * 4 * hidden, 4 * hidden, c_prev.data_ptr<float>(),
-                            save ? g.data_ptr<float>() : nullptr,
-                            c.data_ptr<float>(), r.data_ptr<float>());
+      lstm_step_forward_cpu(h_prev.contiguous().data_ptr<float>(), x_in.data_ptr<float>() + s.off * input_size,
+                            s.n, proj, input_size, hidden, packed, packed_ih, bias_row.data_ptr<float>(),
+                            c_prev.data_ptr<float>(), save ? g.data_ptr<float>() : nullptr, c.data_ptr<float>(),
+                            r.data_ptr<float>());
     } else {
       cell_forward((*recurrent)(h_prev.to(acc)), gx.narrow(0, s.off, s.n), c_prev, g, c, r);
     }

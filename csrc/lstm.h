@@ -37,17 +37,15 @@ void lstm_cell_forward_cpu(const at::Tensor& hw, const at::Tensor& gates_x, cons
                            at::Tensor& gates, at::Tensor& c, at::Tensor& r);
 void lstm_cell_backward_cpu(const at::Tensor& gates, const at::Tensor& c, const at::Tensor& c_prev,
                             const at::Tensor& dr, at::Tensor& dc, at::Tensor& d_gates);
-// The fused CPU step (float32, x86 with AVX-512): h_prev (n, P) W_hh^T, plus x (n, I) W_ih^T where input_size I is
-// not 0, and the cell in one pass; each weight (4H, depth) packed once per sequence by lstm_pack_forward_cpu.
-// Otherwise as lstm_cell_forward_cpu with hw, gates_x's rows gates_x_stride apart (0: one row, a bias, for all).
+// The fused CPU step (float32, x86 with AVX-512): x (n, I) W_ih^T + h_prev (n, P) W_hh^T + bias (4H), and the cell,
+// in one pass, as lstm_cell_forward_cpu; each weight (4H, depth) packed once per sequence by lstm_pack_forward_cpu.
 bool lstm_fused_step_cpu_available(const at::Tensor& w_hh);
 at::Tensor lstm_pack_forward_cpu(const at::Tensor& w);
 // Raw rows (contiguous, row strides P, I, H, 4H, H, H), as it runs once per step and a tensor costs ~1 us to make;
 // gates may be null (not kept).
 void lstm_step_forward_cpu(const float* h_prev, const float* x, int64_t rows, int64_t proj, int64_t input_size,
-                           int64_t hidden, const at::Tensor& packed_hh, const at::Tensor& packed_ih,
-                           const float* gates_x, int64_t gates_x_stride, const float* c_prev, float* gates, float* c,
-                           float* r);
+                           int64_t hidden, const at::Tensor& packed_hh, const at::Tensor& packed_ih, const float* bias,
+                           const float* c_prev, float* gates, float* c, float* r);
 // Its backward step, without a projection (P = H): from the next step's d_gates (its first `continuing` rows are
 // this step's rows that go on), d_out and d_hn (the step's rows of each) writes d_gates and updates dc as
 // lstm_cell_backward_cpu with dr = dh; W_hh packed once per sequence by lstm_pack_feedback_cpu. Raw rows as the

@@ -230,18 +230,17 @@ FASTENC_INLINE __m512 tanh16(__m512 x) {
 }
 
 // The cell of a tile's rows (`tile` of them, from row 0 of each pointer) for one block of `units` (<= 16) units:
-// pre (per row 4 gates x 16, the products) + the row's input gates, at column gate * H + unit. gates is null where
+// pre (per row 4 gates x 16, the products) + the bias, at column gate * H + unit. gates is null where
 // nothing keeps them (inference). Two passes: the rows' h = o tanh(c_t), each a latency-bound chain, come one
 // after another, so the core overlaps them (after its row's gates, one would stall the next row's start).
-FASTENC_INLINE void cell_tile(const float (*pre)[kPanel], int64_t tile, const float* gx, int64_t gx_stride,
-                              const float* c_prev, float* gates, float* c, float* r, int64_t hidden, int64_t units) {
+FASTENC_INLINE void cell_tile(const float (*pre)[kPanel], int64_t tile, const float* bias, const float* c_prev,
+                              float* gates, float* c, float* r, int64_t hidden, int64_t units) {
   const __mmask16 lanes = static_cast<__mmask16>((1u << units) - 1);
   __m512 c_t[kTileRows], o[kTileRows];
   for (int64_t row = 0; row < tile; ++row) {
-    const float* gx_row = gx + row * gx_stride;
     const auto pre_activation = [&](int64_t gate) {
       return _mm512_add_ps(_mm512_load_ps(pre[row] + gate * kBlockUnits),
-                           _mm512_maskz_loadu_ps(lanes, gx_row + gate * hidden));
+                           _mm512_maskz_loadu_ps(lanes, bias + gate * hidden));
     };
     const __m512 i = sigmoid16(pre_activation(0)), f = sigmoid16(pre_activation(1)), g = tanh16(pre_activation(2));
     o[row] = sigmoid16(pre_activation(3));
@@ -302,13 +301,12 @@ void panel_rows(int64_t n, const Operand* operands, int count, float (*out)[kPan
   }
 }
 
-// Rows x (one panel: the 4 gates of 16 units, `units` of them real): h_prev (rows x depth) times the W_hh panel,
-// plus x (rows x input_size) times the W_ih panel where input_size > 0, then the cell of those units, whose input
-// gates are gx (row stride gx_stride: 0 for a bias alone). The row / unit offsets of gx, c_prev, gates, c and r
-// are the caller's.
+// Rows x (one panel: the 4 gates of 16 units, `units` of them real): h_prev (rows x depth) times the W_hh panel
+// plus x (rows x input_size) times the W_ih panel, then the cell of those units. The unit offsets of bias, c_prev,
+// gates, c and r are the caller's.
 void step_panel(const float* h_prev, const float* x, int64_t rows, int64_t depth, int64_t input_size,
-                const float* panel_hh, const float* panel_ih, const float* gx, int64_t gx_stride, const float* c_prev,
-                float* gates, float* c, float* r, int64_t hidden, int64_t units) {
+                const float* panel_hh, const float* panel_ih, const float* bias, const float* c_prev, float* gates,
+                float* c, float* r, int64_t hidden, int64_t units) {
   alignas(64) float pre[kTileRows][kPanel];
   for (int64_t r0 = 0; r0 < rows; r0 += kTileRows) {
     const int64_t tile = std::min(kTileRows, rows - r0);
@@ -317,9 +315,9 @@ void step_panel(const float* h_prev, const float* x, int64_t rows, int64_t depth
       operands[0].rows[i] = h_prev + (r0 + i) * depth;
       operands[1].rows[i] = x + (r0 + i) * input_size;
     }
-    panel_rows(tile, operands, input_size > 0 ? 2 : 1, pre);
-    cell_tile(pre, tile, gx + r0 * gx_stride, gx_stride, c_prev + r0 * hidden,
-              gates ? gates + r0 * 4 * hidden : nullptr, c + r0 * hidden, r + r0 * hidden, hidden, units);
+    panel_rows(tile, operands, 2, pre);
+    cell_tile(pre, tile, bias, c_prev + r0 * hidden, gates ? gates + r0 * 4 * hidden : nullptr, c + r0 * hidden,
+              r + r0 * hidden, hidden, units);
   }
 }
 
@@ -465,18 +463,17 @@ at::Tensor lstm_pack_forward_cpu(const at::Tensor& weight) {
 }
 
 void lstm_step_forward_cpu(const float* h_prev, const float* x, int64_t rows, int64_t proj, int64_t input_size,
-                           int64_t hidden, const at::Tensor& packed_hh, const at::Tensor& packed_ih,
-                           const float* gates_x, int64_t gates_x_stride, const float* c_prev, float* gates, float* c,
-                           float* r) {
+                           int64_t hidden, const at::Tensor& packed_hh, const at::Tensor& packed_ih, const float* bias,
+                           const float* c_prev, float* gates, float* c, float* r) {
 #ifdef FASTENC_FUSED_STEP
   const float* w_hh = packed_hh.data_ptr<float>();
-  const float* w_ih = input_size > 0 ? packed_ih.data_ptr<float>() : nullptr;
+  const float* w_ih = packed_ih.data_ptr<float>();
   at::parallel_for(0, packed_hh.size(0), 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       const int64_t unit = p * kBlockUnits;
-      step_panel(h_prev, x, rows, proj, input_size, w_hh + p * proj * kPanel,
-                 w_ih ? w_ih + p * input_size * kPanel : nullptr, gates_x + unit, gates_x_stride, c_prev + unit,
-                 gates ? gates + unit : nullptr, c + unit, r + unit, hidden, std::min(kBlockUnits, hidden - unit));
+      step_panel(h_prev, x, rows, proj, input_size, w_hh + p * proj * kPanel, w_ih + p * input_size * kPanel,
+                 bias + unit, c_prev + unit, gates ? gates + unit : nullptr, c + unit, r + unit, hidden,
+                 std::min(kBlockUnits, hidden - unit));
     }
   });
 #else
