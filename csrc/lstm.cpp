@@ -1,11 +1,11 @@
 // The LSTM sequence driver, the same code for CPU and CUDA tensors: the input projection of all steps as one GEMM
 // (gates_x = x W_ih^T + bias), then the whole time loop in C++ (no Python per step), per step one GEMM
 // (h_{t-1} W_hh^T) and one fused pointwise cell (adds the step's input gates, activates, writes the saved gates,
-// updates c and h), or on x86 CPUs with AVX-512 one fused step kernel doing both (cpu/lstm.cpp), the backward
-// likewise; in the backward dx and the weight gradients are one GEMM each over all steps after the loop. The fused
-// path without a projection goes further: the step's product takes in x_t W_ih^T too (no GEMM before the loop),
-// and each thread takes a share of the batch through the whole sequence: rows of an LSTM never read each other,
-// so the threads never wait for each other.
+// updates c and h); or on x86 CPUs with AVX-512 one fused step kernel doing all three, x_t W_ih^T included (no
+// GEMM before the loop; cpu/lstm.cpp). The backward likewise; in it dx and the weight gradients are one GEMM each
+// over all steps after the loop. The fused path without a projection also gives each thread a share of the batch
+// to take through the whole sequence: rows of an LSTM never read each other, so the threads never wait for each
+// other.
 //
 // Rows: x is (T, B, I), or (N, I) packed with batch_sizes; either way N flat rows, step t owning rows
 // off_t .. off_t + n_t. A step reads h_{t-1} from the rows of the step processed before it (out) and c_{t-1} from
