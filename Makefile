@@ -10,7 +10,7 @@ ENV :=
 endif
 
 # Every backend must run in the tests: a missing one fails instead of being skipped.
-TEST_ENV := FASTENC_REQUIRE_BACKENDS=reference,triton,native
+TEST_ENV := FASTENC_REQUIRE_BACKENDS=reference,torch,triton,native
 
 .PHONY: test bench build cmake info clean
 

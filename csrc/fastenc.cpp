@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "attention.h"
 #include "checks.h"
 #include "layer_norm.h"
 #include "lstm.h"
@@ -143,6 +144,40 @@ LstmBackward lstm_layer_backward_checked(const at::Tensor& d_out, const at::Tens
                              rs);
 }
 
+// Attention's operands: q, k, v (B, H, S, D), or packed (T, H, D) with cu_seqlens; CPU only, no dropout.
+void check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const std::optional<at::Tensor>& cu_seqlens_q, double dropout_p) {
+  const int64_t rank = cu_seqlens_q.has_value() ? 3 : 4;
+  for (const auto& [t, name] : {std::pair{&q, "q"}, std::pair{&k, "k"}, std::pair{&v, "v"}}) {
+    TORCH_CHECK(t->dim() == rank, name, " must be ", rank, "-D, got ", t->sizes());
+    TORCH_CHECK(t->is_cpu(), "the native attention runs CPU tensors; ", name, " is on ", t->device());
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), name, " must have q's dtype ", q.scalar_type());
+  }
+  check_floating(q, "q");
+  TORCH_CHECK(dropout_p == 0.0, "the native attention has no dropout, got dropout_p = ", dropout_p);
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_forward(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& cu_seqlens_q,
+    const std::optional<at::Tensor>& cu_seqlens_k, int64_t, int64_t, bool is_causal, double scale, double dropout_p,
+    const std::optional<at::Tensor>&) {
+  check_attention(q, k, v, cu_seqlens_q, dropout_p);
+  return attention_forward_cpu(q, k, v, bias, key_padding_mask, cu_seqlens_q, cu_seqlens_k, is_causal, scale);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& key_padding_mask,
+    const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k, int64_t, int64_t,
+    bool is_causal, double scale, double dropout_p, const std::optional<at::Tensor>&) {
+  check_attention(q, k, v, cu_seqlens_q, dropout_p);
+  check_like(dout, out, "dout", "out");
+  TORCH_CHECK(lse.scalar_type() == at::kFloat, "lse must be float32, got ", lse.scalar_type());
+  return attention_backward_cpu(dout, q, k, v, out, lse, bias, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
+                                is_causal, scale);
+}
+
 // The build passes the arch list as a bare comma-separated token list (-DFASTENC_CUDA_ARCHS=sm_80,sm_90): string
 // literals do not survive the quoting of every build tool on the way.
 #define FASTENC_STRINGIFY_(...) #__VA_ARGS__
@@ -178,5 +213,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("d_cn"), py::arg("x"), py::arg("h0"), py::arg("c0"), py::arg("w_ih"), py::arg("w_hh"),
         py::arg("w_hr"), py::arg("batch_sizes"), py::arg("reverse"), py::arg("out"), py::arg("gates"), py::arg("cs"),
         py::arg("rs"));
+  m.def("attention_forward", &fastenc::attention_forward, "Attention forward on CPU -> (out, lse)", py::arg("q"),
+        py::arg("k"), py::arg("v"), py::arg("bias"), py::arg("key_padding_mask"), py::arg("cu_seqlens_q"),
+        py::arg("cu_seqlens_k"), py::arg("max_seqlen_q"), py::arg("max_seqlen_k"), py::arg("is_causal"),
+        py::arg("scale"), py::arg("dropout_p"), py::arg("dropout_seed"));
+  m.def("attention_backward", &fastenc::attention_backward, "Its backward -> (dq, dk, dv)", py::arg("dout"),
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("bias"),
+        py::arg("key_padding_mask"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("max_seqlen_q"),
+        py::arg("max_seqlen_k"), py::arg("is_causal"), py::arg("scale"), py::arg("dropout_p"),
+        py::arg("dropout_seed"));
+  m.def("attention_cpu_available", &fastenc::attention_cpu_available,
+        "Whether this CPU runs the native attention (x86 with AVX-512)");
   m.def("cuda_archs", &fastenc::cuda_archs, "The archs the CUDA kernels were compiled for; [] without CUDA");
 }

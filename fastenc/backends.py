@@ -1,15 +1,20 @@
 """Backend selection: which implementation of an op runs, for every op, in one place.
 
 Backends:
-  "reference"  pure PyTorch (fastenc/reference), differentiable and fp64-capable: the oracle and the fallback.
+  "reference"  pure PyTorch (fastenc/reference), differentiable and fp64-capable: the oracle of the tests, and
+               the last resort of "auto" (it takes every input).
+  "torch"      torch's own fastest op for the same job (fastenc/torch_ops: SDPA's fused kernels, native_layer_norm,
+               F.gelu), under fastenc's op contract: what "auto" runs where fastenc has no kernel of its own.
   "triton"     Triton kernels (kernels/, imported as fastenc.kernels): CUDA tensors, and CPU tensors when
                TRITON_INTERPRET=1 was set before triton was imported.
   "native"     the compiled extension fastenc._C: CUDA kernels on CUDA tensors, C++ kernels on CPU tensors.
 
-Each op file registers, per backend, the module that implements it (`register(op, {backend: module_name})`);
-every such module defines the same functions, `<op>_forward` and `<op>_backward`, and is imported only when first
-used, so `import fastenc` never needs triton or the extension. `select` picks the backend by name (global choice,
-`with backend(...)`, or FASTENC_BACKEND); the custom ops take that name and call `implementation`.
+Each op file registers, per backend, the module that implements it and, as data, which inputs that backend
+takes (`register(op, {backend: module_name}, supports={backend: fn})`, where fn(*the op's inputs) returns None or
+the reason it cannot take them). Every such module defines the same functions, `<op>_forward` and `<op>_backward`,
+and is imported only when first used, so `import fastenc` never needs triton or the extension. `select` picks the
+backend (global choice, `with backend(...)`, or FASTENC_BACKEND); the custom ops take its name and call
+`implementation`.
 """
 
 from __future__ import annotations
@@ -20,32 +25,44 @@ import importlib
 import importlib.util
 import os
 from types import ModuleType
-from typing import Iterator
+from typing import Callable, Iterator
 
-BACKENDS = ("reference", "triton", "native")
+import torch
+
+BACKENDS = ("reference", "torch", "triton", "native")
 AUTO = "auto"
 
-# "auto" tries these in order, per device type, and takes the first backend that implements the op. The order
-# comes from the benchmarks (bench/results/): on CPU the C++ kernels beat torch eager and the reference; the
-# Triton interpreter is a test vehicle, never a CPU default. On CUDA, Triton before the CUDA C++ kernels.
+# "auto" tries these in order, per device type, and takes the first backend that implements the op and supports
+# the inputs. The order comes from the benchmarks (bench/results/): fastenc's kernels where they beat torch, then
+# torch's own op, then the reference (which takes anything, slowly). The Triton interpreter is a test vehicle,
+# never a CPU default. On CUDA, Triton before the CUDA C++ kernels.
 AUTO_ORDER = {
-    "cuda": ("triton", "native", "reference"),
-    "cpu": ("native", "reference"),
+    "cuda": ("triton", "native", "torch", "reference"),
+    "cpu": ("native", "torch", "reference"),
 }
 
+Supports = Callable[..., "str | None"]
 _implementations: dict[str, dict[str, str]] = {}
+_supports: dict[str, dict[str, Supports]] = {}
 _last_used: dict[str, str] = {}
 # set_backend() sets the process-wide choice; `with backend(...)` overrides it in the current thread / task.
 _global_choice = AUTO
 _scoped_choice: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastenc_backend", default=None)
 
 
-def register(op: str, modules: dict[str, str]) -> None:
-    """Name, per backend, the module that implements `op`; the reference is required (it is the fallback)."""
+def register(op: str, modules: dict[str, str], supports: dict[str, Supports] | None = None) -> None:
+    """Name, per backend, the module that implements `op`; the reference is required (it is the fallback).
+
+    supports: per backend, a function of the op's inputs returning None when that backend takes them, else the
+    reason it does not. It runs on every call (and is traced by torch.compile): tensor metadata only. A backend
+    without an entry takes every input of the devices it runs.
+    """
     unknown = set(modules) - set(BACKENDS)
-    if unknown or "reference" not in modules:
-        raise ValueError(f"op {op!r}: backends must be among {BACKENDS} and include 'reference', got {sorted(modules)}")
+    if unknown or "reference" not in modules or not set(supports or {}) <= set(modules) - {"reference"}:
+        raise ValueError(f"op {op!r}: backends must be among {BACKENDS} and include 'reference' (which takes "
+                         f"every input), got {sorted(modules)} and supports for {sorted(supports or {})}")
     _implementations[op] = dict(modules)
+    _supports[op] = dict(supports or {})
 
 
 def implemented(op: str) -> list[str]:
@@ -118,8 +135,27 @@ def set_backend(name: str) -> None:
     _global_choice = _check_name(name)
 
 
+@torch.compiler.assume_constant_result
+def _dynamo_guards_context_variables() -> bool:
+    """Whether this torch's Dynamo traces a ContextVar read and guards on its value (newer ones do; torch 2.11's
+    stops with "does not know how to trace method `get` of class `ContextVar`")."""
+    import torch._dynamo.source
+
+    return hasattr(torch._dynamo.source, "ContextVarGetSource")
+
+
+@torch.compiler.assume_constant_result
+def _scoped_choice_when_traced() -> str | None:
+    return _scoped_choice.get()
+
+
 def get_backend() -> str:
-    scoped = _scoped_choice.get()
+    # Where Dynamo cannot read the ContextVar, a graph takes the scoped choice it was traced under (the global
+    # one stays guarded: a module global).
+    if torch.compiler.is_compiling() and not _dynamo_guards_context_variables():
+        scoped = _scoped_choice_when_traced()
+    else:
+        scoped = _scoped_choice.get()
     return _global_choice if scoped is None else scoped
 
 
@@ -133,9 +169,18 @@ def backend(name: str) -> Iterator[None]:
         _scoped_choice.reset(token)
 
 
-def select(op: str, device_type: str) -> str:
-    """The backend that runs `op` on `device_type` tensors under the current choice.
+def input_reason(op: str, backend: str, *inputs) -> str | None:
+    """None when `backend` (one that implements `op`) takes these inputs of the op, else the reason it does not."""
+    supports = _supports[op].get(backend)
+    return None if supports is None else supports(*inputs)
 
+
+def select(op: str, device_type: str, *inputs) -> str:
+    """The backend that runs `op` on `inputs` (the op's arguments before the backend name, on `device_type`
+    tensors) under the current choice.
+
+    "auto" takes the first backend of AUTO_ORDER that can run here, implements the op and supports the inputs. A
+    backend chosen by name that cannot take them raises, naming why; one without this op runs the reference.
     functional calls this and hands the name to the op's forward, which saves it for the backward: a backward
     always runs the backend its forward ran, whatever is selected when it runs. (torch.compile traces this
     function and guards on the choice, so a compiled graph follows the selection too.)
@@ -143,13 +188,21 @@ def select(op: str, device_type: str) -> str:
     impls = _implementations[op]
     chosen = get_backend()
     if chosen == AUTO:
-        order = AUTO_ORDER.get(device_type, ("reference",))
-        runnable = (b for b in order if unavailable_reason(b) is None and device_reason(b, device_type) is None)
-        return next(b for b in runnable if b in impls)
+        for name in AUTO_ORDER.get(device_type, ("reference",)):
+            if (name in impls and unavailable_reason(name) is None and device_reason(name, device_type) is None
+                    and input_reason(op, name, *inputs) is None):
+                return name
+        return "reference"
     reason = device_reason(chosen, device_type)
     if reason is not None:
         raise RuntimeError(f"backend {chosen!r} cannot run op {op!r} on {device_type} tensors: {reason}")
-    return chosen if chosen in impls else "reference"  # a backend without this op falls back; info() shows it
+    if chosen not in impls:
+        return "reference"  # a backend without this op falls back; info() shows it
+    reason = input_reason(op, chosen, *inputs)
+    if reason is not None:
+        raise ValueError(f"backend {chosen!r} cannot run op {op!r} on these inputs: {reason}; "
+                         f"select \"auto\" to run what can")
+    return chosen
 
 
 def implementation(op: str, backend: str) -> ModuleType:

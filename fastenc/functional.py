@@ -80,15 +80,15 @@ def layer_norm(
         t is not None and t.requires_grad for t in (input, residual, weight, bias)
     )
     store_sum = residual is not None and (return_residual or wants_grad)
-    y, summed, _, _ = torch.ops.fastenc.layer_norm(
+    args = (
         rows,
         None if residual is None else residual.reshape(-1, width),
         None if weight is None else weight.reshape(width),
         None if bias is None else bias.reshape(width),
         float(eps),
         store_sum,
-        backends.select("layer_norm", input.device.type),
     )
+    y, summed, _, _ = torch.ops.fastenc.layer_norm(*args, backends.select("layer_norm", input.device.type, *args))
     y = y.view(input.shape)
     if not return_residual:
         return y
@@ -178,10 +178,9 @@ def attention(
                 f"{tuple(key_padding_mask.shape)} on {key_padding_mask.device}"
             )
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
-    out, _ = torch.ops.fastenc.attention(
-        q, k, v, bias, key_padding_mask, None, None, s_q, s_k, bool(is_causal), scale, float(dropout_p),
-        _dropout_seed(dropout_p), backends.select("attention", q.device.type),
-    )
+    args = (q, k, v, bias, key_padding_mask, None, None, s_q, s_k, bool(is_causal), scale, float(dropout_p),
+            _dropout_seed(dropout_p))
+    out, _ = torch.ops.fastenc.attention(*args, backends.select("attention", q.device.type, *args))
     return out
 
 
@@ -231,10 +230,9 @@ def attention_varlen(
                          f"{cu_q.numel() - 1} and {cu_k.numel() - 1}")
     q, k, v = _autocast_qkv(q, k, v)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    out, _ = torch.ops.fastenc.attention(
-        q, k, v, None, None, cu_q, cu_k, max_seqlen_q, max_seqlen_k, bool(is_causal), scale,
-        float(dropout_p), _dropout_seed(dropout_p), backends.select("attention", q.device.type),
-    )
+    args = (q, k, v, None, None, cu_q, cu_k, max_seqlen_q, max_seqlen_k, bool(is_causal), scale, float(dropout_p),
+            _dropout_seed(dropout_p))
+    out, _ = torch.ops.fastenc.attention(*args, backends.select("attention", q.device.type, *args))
     return out
 
 
@@ -250,10 +248,8 @@ def bias_activation(input: Tensor, bias: Tensor | None, activation: str = "relu"
     width = input.shape[-1]
     lowp = (torch.float32,) if input.dtype in (torch.float16, torch.bfloat16) else ()
     _check_like("bias", bias, input, (width,), (input.dtype, *lowp))
-    y = torch.ops.fastenc.bias_activation(
-        input.reshape(-1, width), bias, activation, float(dropout_p), _dropout_seed(dropout_p),
-        backends.select("bias_activation", input.device.type),
-    )
+    args = (input.reshape(-1, width), bias, activation, float(dropout_p), _dropout_seed(dropout_p))
+    y = torch.ops.fastenc.bias_activation(*args, backends.select("bias_activation", input.device.type, *args))
     return y.view(input.shape)
 
 
@@ -325,8 +321,6 @@ def lstm_layer(
     # What the backward needs is stored only when a backward can run.
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (
         input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr))
-    backend = backends.select("lstm", input.device.type)
-    out, h_n, c_n, *_ = torch.ops.fastenc.lstm_layer(
-        input, h0, c0, weight_ih, weight_hh, bias, weight_hr, batch_sizes, bool(reverse), save, backend
-    )
+    args = (input, h0, c0, weight_ih, weight_hh, bias, weight_hr, batch_sizes, bool(reverse), save)
+    out, h_n, c_n, *_ = torch.ops.fastenc.lstm_layer(*args, backends.select("lstm", input.device.type, *args))
     return out, h_n, c_n

@@ -292,8 +292,6 @@ def _common(q, k, bias, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen
             scale, dropout_p, dropout_seed):
     """Arguments shared by the three kernels (after the tensors), and the grid's batch*heads extent."""
     varlen = cu_seqlens_q is not None
-    if q.dtype == torch.float64:
-        raise TypeError("the triton attention supports float16, bfloat16 and float32; use the reference for float64")
     if varlen:
         batch, heads, head_dim = cu_seqlens_q.numel() - 1, q.shape[1], q.shape[2]
         seqlen_q, seqlen_k = max_seqlen_q, max_seqlen_k
@@ -301,6 +299,7 @@ def _common(q, k, bias, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen
         batch, heads, seqlen_q, head_dim = q.shape
         seqlen_k = k.shape[2]
     bias_strides = bias.stride() if bias is not None else (0, 0, 0, 0)
+    # The kernels read a row of the mask as contiguous bytes (the launchers pass it contiguous).
     kpm_stride = key_padding_mask.stride(0) if key_padding_mask is not None else 0
     seed = int(dropout_seed) if dropout_p > 0 else 0
     meta = dict(
@@ -319,6 +318,7 @@ def _dummy(t, like):
 def attention_forward(q, k, v, bias, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                       is_causal, scale, dropout_p, dropout_seed):
     varlen = cu_seqlens_q is not None
+    key_padding_mask = None if key_padding_mask is None else key_padding_mask.contiguous()
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     mask_strides, sizes, scale, seed, meta, bh = _common(q, k, bias, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
                                                          max_seqlen_q, max_seqlen_k, is_causal, scale, dropout_p,
@@ -340,6 +340,7 @@ def attention_forward(q, k, v, bias, key_padding_mask, cu_seqlens_q, cu_seqlens_
 def attention_backward(dout, q, k, v, out, lse, bias, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                        max_seqlen_k, is_causal, scale, dropout_p, dropout_seed):
     varlen = cu_seqlens_q is not None
+    key_padding_mask = None if key_padding_mask is None else key_padding_mask.contiguous()
     q, k, v, out = (t.contiguous() for t in (q, k, v, out))
     dout = dout.contiguous()  # shares out's strides, as the kernels assume
     mask_strides, sizes, scale, seed, meta, bh = _common(q, k, bias, key_padding_mask, cu_seqlens_q, cu_seqlens_k,

@@ -287,16 +287,10 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _check_dtype(dtype: torch.dtype) -> None:
-    if dtype == torch.float64:
-        raise TypeError("the triton lstm supports float16, bfloat16 and float32; use the reference for float64")
-
-
 def lstm_layer_forward(x, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse, save, persistent=None):
     """The contract's forward; persistent: the one-launch kernel (True), a launch per step (False), or the
     default for the shape (None)."""
     # save=False still stores every step (the op drops the saved tensors).
-    _check_dtype(x.dtype)
     gates_x = torch.nn.functional.linear(x, w_ih, bias)  # every step's input projection, one GEMM
     hidden, proj, batch = c0.shape[1], h0.shape[1], h0.shape[0]
     lead = gates_x.shape[:-1]

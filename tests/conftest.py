@@ -47,6 +47,14 @@ def backend_device(request):
         yield name, device
 
 
+def skip_unless_takes(op: str, name: str, *inputs) -> None:
+    """Skip, with the backend's own reason, when backend `name` does not take these inputs of `op` (selected by
+    name it would raise; "auto" would run another backend)."""
+    reason = backends.input_reason(op, name, *inputs) if name in backends.implemented(op) else None
+    if reason is not None:
+        pytest.skip(f"{name} does not take these inputs of {op}: {reason}")
+
+
 # The tolerance rule (after flash-attention's tests): measured against a float64 oracle, a fastenc result may
 # be at most twice as far off as PyTorch's own computation in the same dtype, plus a floor that absorbs
 # results which PyTorch happens to round exactly. The floors are about one rounding step of the dtype at the

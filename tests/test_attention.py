@@ -12,7 +12,7 @@ import fastenc
 from fastenc import backends
 from fastenc import functional as F
 from fastenc.reference.attention import attention_math
-from tests.conftest import compare_with_oracle, outputs_and_grads
+from tests.conftest import compare_with_oracle, outputs_and_grads, skip_unless_takes
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (B, H, S_q, S_k, D): lengths of 1, primes, S_q != S_k both ways, head dims that are not powers of two.
@@ -25,6 +25,8 @@ def attention_backend(backend_device):
     name, device = backend_device
     if name not in backends.implemented("attention"):
         pytest.skip(f"{name} has no attention of its own (it runs the reference, see test_backends)")
+    q = torch.empty(1, 1, 1, 16, device=device)
+    skip_unless_takes("attention", name, q, q, q, None, None, None, None, 1, 1, False, 1.0, 0.0, None)
     return name, device
 
 
@@ -135,6 +137,8 @@ def _dropout_mask(name, device, b, h, s_q, s_k, p, seed):
 def test_dropout(attention_backend):
     name, device = attention_backend
     b, h, s_q, s_k, p = 2, 2, 24, 40, 0.25
+    q, k, v = _qkv(b, h, s_q, s_k, 32, torch.float32, device, seed=5)
+    skip_unless_takes("attention", name, q, k, v, None, None, None, None, s_q, s_k, False, 1.0, p, None)
     keep = _dropout_mask(name, device, b, h, s_q, s_k, p, seed=11)
     # Keep rate: 3840 Bernoulli draws, so 5 standard deviations is about 0.035.
     sd = math.sqrt(p * (1 - p) / keep.numel())
@@ -143,7 +147,6 @@ def test_dropout(attention_backend):
     assert not torch.equal(keep, _dropout_mask(name, device, b, h, s_q, s_k, p, seed=12)), "another seed, another"
 
     # Forward and backward with random inputs use that same mask: compare with the math on it in float64.
-    q, k, v = _qkv(b, h, s_q, s_k, 32, torch.float32, device, seed=5)
     dout = torch.randn_like(q)
 
     def ours(q, k, v):

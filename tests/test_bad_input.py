@@ -154,8 +154,9 @@ CASES = [
     Case(ATT, "dropout_p outside [0, 1)", lambda: F.attention(Q, K, K, dropout_p=1.0), ValueError,
          r"dropout_p must be in \[0, 1\)"),
     Case(ATT, "float64 on the Triton kernel",
-         lambda: F.attention(*(t.double().to(TRITON_DEVICE) for t in (Q, K, K))), TypeError,
-         "the triton attention supports float16, bfloat16 and float32", backend="triton"),
+         lambda: F.attention(*(t.double().to(TRITON_DEVICE) for t in (Q, K, K))), ValueError,
+         "backend 'triton' cannot run op 'attention' on these inputs: the triton attention supports float16, "
+         "bfloat16 and float32", backend="triton"),
     # functional.attention_varlen
     Case(VARLEN, "q not 3-D", lambda: F.attention_varlen(Q, Q, Q, CU, CU), ValueError, r"q must be 3-D \(T, H, D\)"),
     Case(VARLEN, "cu_seqlens_q not an integer vector", lambda: F.attention_varlen(PACKED_Q, PACKED_Q, PACKED_Q,
@@ -235,8 +236,9 @@ CASES = [
          "batch_sizes sum to 6 but input has 7 rows"),
     Case(LSTM_F, "float64 on the Triton kernel",
          lambda: _lstm_layer(**{k: v.double().to(TRITON_DEVICE) for k, v in
-                                dict(input=STEPS, weight_ih=W_IH, weight_hh=W_HH).items()}), TypeError,
-         "the triton lstm supports float16, bfloat16 and float32", backend="triton"),
+                                dict(input=STEPS, weight_ih=W_IH, weight_hh=W_HH).items()}), ValueError,
+         "backend 'triton' cannot run op 'lstm' on these inputs: the triton lstm supports float16, bfloat16 and "
+         "float32", backend="triton"),
     # nn.LayerNorm
     Case("nn.LayerNorm", "input width is not normalized_shape", lambda nn=fnn: nn.LayerNorm(8)(X[:, :7]), ValueError,
          r"normalized_shape \(8,\) does not match the trailing dimensions of input \(3, 7\)", RuntimeError),
@@ -357,8 +359,8 @@ CASES = [
          "batch_sizes sum to 6 but input has 7 rows"),
     # backend selection
     Case("fastenc.backend", "unknown backend name", lambda: _select("cudnn"), ValueError,
-         r"backend 'cudnn' is not available: unknown backend 'cudnn'; expected one of \('reference', 'triton', "
-         r"'native'\) or 'auto'"),
+         r"backend 'cudnn' is not available: unknown backend 'cudnn'; expected one of \('reference', 'torch', "
+         r"'triton', 'native'\) or 'auto'"),
     Case("fastenc.set_backend", "unknown backend name (also FASTENC_BACKEND)", lambda: fastenc.set_backend("Triton"),
          ValueError, "backend 'Triton' is not available: unknown backend"),
     Case("fastenc.backend", "a backend this machine cannot run",

@@ -15,12 +15,53 @@ The ops take the backend's name (from backends.select, in functional); the backw
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 from torch import Tensor
 
 from fastenc import backends
 
-backends.register("attention", {"reference": "fastenc.reference.attention", "triton": "fastenc.kernels.attention"})
+
+def _triton_supports(q, *_) -> str | None:
+    return "the triton attention supports float16, bfloat16 and float32" if q.dtype == torch.float64 else None
+
+
+def _native_cpu_attention() -> bool:
+    """Whether fastenc._C is built and this CPU runs its attention (x86 with AVX-512)."""
+    return backends.unavailable_reason("native") is None and importlib.import_module(
+        "fastenc._C").attention_cpu_available()
+
+
+_NATIVE_CPU = _native_cpu_attention()
+
+
+def _native_supports(q, k, v, bias, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                     is_causal, scale, dropout_p, dropout_seed) -> str | None:
+    if q.device.type != "cpu":
+        return "fastenc._C's attention runs CPU tensors"
+    if not _NATIVE_CPU:
+        return "fastenc._C's CPU attention needs an x86 CPU with AVX-512"
+    if q.dtype == torch.float64:
+        return "the native attention supports float32, bfloat16 and float16"
+    if dropout_p > 0:
+        return "the native attention has no dropout"
+    if bias is not None and bias.dtype not in (torch.float32, q.dtype):
+        return f"the native attention takes a float32 or {q.dtype} attn_mask, got {bias.dtype}"
+    return None
+
+
+def _torch_supports(q, k, v, bias, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                    is_causal, scale, dropout_p, dropout_seed) -> str | None:
+    return "torch's attention backend is its CPU flash kernel" if q.device.type != "cpu" else None
+
+
+backends.register(
+    "attention",
+    {"reference": "fastenc.reference.attention", "torch": "fastenc.torch_ops.attention",
+     "triton": "fastenc.kernels.attention", "native": "fastenc._C"},
+    supports={"triton": _triton_supports, "torch": _torch_supports, "native": _native_supports},
+)
 
 
 @torch.library.custom_op("fastenc::attention", mutates_args=())

@@ -16,9 +16,11 @@ from torch import Tensor
 
 from fastenc import backends
 
+
 backends.register(
     "bias_activation",
-    {"reference": "fastenc.reference.bias_activation", "triton": "fastenc.kernels.bias_activation"},
+    {"reference": "fastenc.reference.bias_activation", "torch": "fastenc.torch_ops.bias_activation",
+     "triton": "fastenc.kernels.bias_activation"},
 )
 
 

@@ -21,9 +21,21 @@ from torch import Tensor
 from fastenc import backends
 from fastenc.reference.layer_norm import stat_dtype
 
+# The Triton kernels hold a whole row on chip.
+TRITON_MAX_N = 65536
+
+
+def _triton_supports(x, *_) -> str | None:
+    if x.shape[1] > TRITON_MAX_N:
+        return f"the triton layer_norm holds a row on chip and supports N <= {TRITON_MAX_N}, got N={x.shape[1]}"
+    return None
+
+
 backends.register(
     "layer_norm",
-    {"reference": "fastenc.reference.layer_norm", "triton": "fastenc.kernels.layer_norm", "native": "fastenc._C"},
+    {"reference": "fastenc.reference.layer_norm", "torch": "fastenc.torch_ops.layer_norm",
+     "triton": "fastenc.kernels.layer_norm", "native": "fastenc._C"},
+    supports={"triton": _triton_supports},
 )
 
 

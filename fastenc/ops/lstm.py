@@ -44,8 +44,14 @@ from torch import Tensor
 
 from fastenc import backends
 
+
+def _triton_supports(x, *_) -> str | None:
+    return "the triton lstm supports float16, bfloat16 and float32" if x.dtype == torch.float64 else None
+
+
 backends.register(
-    "lstm", {"reference": "fastenc.reference.lstm", "triton": "fastenc.kernels.lstm", "native": "fastenc._C"}
+    "lstm", {"reference": "fastenc.reference.lstm", "triton": "fastenc.kernels.lstm", "native": "fastenc._C"},
+    supports={"triton": _triton_supports},
 )
 
 

@@ -1,0 +1,32 @@
+// Scaled dot-product attention on CPU (cpu/attention.cpp): flash style, K/V in tiles, an online softmax with
+// float32 running max and sum, the log-sum-exp saved for the backward, which recomputes the probabilities from
+// it; no S_q x S_k buffer is stored. The contract is fastenc/ops/attention.py's (padded (B, H, S, D) or packed
+// (T, H, D) with cu_seqlens; an additive float bias broadcast to (B, H, S_q, S_k); a (B, S_k) bool key padding
+// mask; causal, top-left aligned). float32, bfloat16 and float16 inputs, computed in float32; no dropout.
+// x86 with AVX-512 only: attention_cpu_available() says whether this CPU runs it.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace fastenc {
+
+bool attention_cpu_available();
+
+// -> (out, lse): out in q's layout and dtype, contiguous; lse float32, (B, H, S_q) or (H, T_q), +inf for a query
+// that sees no key (its output is 0).
+std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& cu_seqlens_q,
+    const std::optional<at::Tensor>& cu_seqlens_k, bool is_causal, double scale);
+
+// -> (dq, dk, dv), contiguous, in the inputs' dtypes.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& key_padding_mask,
+    const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k, bool is_causal,
+    double scale);
+
+}  // namespace fastenc

@@ -1,0 +1,40 @@
+"""Bias + activation on torch's own elementwise kernels (as torch eager runs `F.gelu(x + bias)`); contract:
+fastenc/ops/bias_activation.py. With dropout the reference runs: the backward regenerates its mask from the seed,
+which torch's dropout cannot."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as TF
+
+from fastenc.reference import bias_activation as reference
+
+
+def _pre_activation(x, bias):
+    return x if bias is None else x + bias
+
+
+def _approximate(activation):
+    return "tanh" if activation == "gelu_tanh" else "none"
+
+
+def bias_activation_forward(x, bias, activation, dropout_p, dropout_seed):
+    if dropout_p > 0:
+        return reference.bias_activation_forward(x, bias, activation, dropout_p, dropout_seed)
+    z = _pre_activation(x, bias)
+    y = TF.relu(z) if activation == "relu" else TF.gelu(z, approximate=_approximate(activation))
+    return y.to(x.dtype).contiguous()
+
+
+def bias_activation_backward(dy, x, bias, activation, dropout_p, dropout_seed):
+    if dropout_p > 0:
+        return reference.bias_activation_backward(dy, x, bias, activation, dropout_p, dropout_seed)
+    z = _pre_activation(x, bias)
+    dy = dy.to(z.dtype)
+    if activation == "relu":
+        dz = torch.ops.aten.threshold_backward(dy, z, 0)
+    else:
+        dz = torch.ops.aten.gelu_backward(dy, z, approximate=_approximate(activation))
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dbias = dz.sum(dim=0, dtype=acc) if bias is not None else z.new_empty(0, dtype=acc)
+    return dz.to(x.dtype).contiguous(), dbias
