@@ -1,7 +1,9 @@
 """Runs the cases: builds each provider's call, checks it against the float64 oracle once, times it, makes rows.
 
 Providers of a case, all on the same inputs, one after the other in one process:
-  fastenc.triton / fastenc.native / fastenc.reference  fastenc's functional call under `fastenc.backend(name)`
+  fastenc.auto                                          fastenc's functional call as a user runs it (the default
+                                                        backend choice: fastenc's kernel, else torch's op)
+  fastenc.triton / fastenc.native / fastenc.reference  the same under `fastenc.backend(name)`
                                                         (CUDA: all three; CPU: native and reference)
   torch, torch.compile                                  the op's plain torch version, eager and compiled
   <extra peers of the op>                               e.g. SDPA backends, cuDNN LSTM
@@ -35,7 +37,7 @@ from bench.timing import Timing, TimingBudget, time_callable
 
 REFERENCE = "fastenc.reference"
 PEERS_BASE = ("torch", "torch.compile")
-FASTENC_BACKENDS = {"cuda": ("triton", "native", "reference"), "cpu": ("native", "reference")}
+FASTENC_BACKENDS = {"cuda": ("auto", "triton", "native", "reference"), "cpu": ("auto", "native", "reference")}
 ERROR_FLOOR = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,7 +75,7 @@ def providers_for(device_type: str, *, compile: bool = True, op: cases_mod.OpBen
     available = set(fastenc.available_backends())
     providers, skipped = [], {}
     for name in FASTENC_BACKENDS.get(device_type, ("reference",)):
-        if name in available:
+        if name == "auto" or name in available:
             providers.append(_fastenc_provider(name))
         else:
             reason = None

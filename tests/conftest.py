@@ -20,6 +20,11 @@ import pytest  # noqa: E402
 import fastenc  # noqa: E402
 from fastenc import backends  # noqa: E402
 
+if backends.INTERPRETER and backends.unavailable_reason("triton") is None:
+    from tests import triton_bf16
+
+    triton_bf16.install()  # bf16 dots and casts as a GPU computes them (see tests/triton_bf16.py)
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 REQUIRED = [b for b in os.environ.get("FASTENC_REQUIRE_BACKENDS", "").split(",") if b]
 

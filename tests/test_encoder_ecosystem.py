@@ -182,8 +182,6 @@ def test_cpu_bf16_autocast_matches_torch(backend_device, padded):
     name, device = backend_device
     if device != "cpu":
         pytest.skip("the CUDA autocast test is test_cuda_autocast_matches_torch")
-    if name == "triton":
-        pytest.skip("the Triton interpreter's bf16 tl.dot is wrong (triton #11584): bf16 Triton runs on a GPU")
     _check_autocast("cpu", torch.bfloat16, padded)
 
 
