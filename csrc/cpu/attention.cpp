@@ -4,7 +4,7 @@
 // seen), so packed sequences of unequal lengths load the threads evenly. A task brings its head's keys and
 // values into float32 scratch once: K packed as panels of 16 keys ([d][16], so that a query row's product with 16
 // keys is one FMA per d), V as rows. Then, per tile of kRows queries (pre-scaled by scale * log2(e), so that the
-// softmax runs on exp2), it walks the keys in blocks of kBlock: S = Q K^T in 8 x 32 register tiles, the masks,
+// softmax runs on exp2), it walks the keys in blocks of kBlock: S = Q K^T in 8 x 48 register tiles, the masks,
 // the online softmax (running max and sum per row, in float32), and O += P V. Blocks that hold only padded keys,
 // and blocks after the diagonal of a causal tile, are skipped. The backward is the same walk per head, over all
 // its query tiles, recomputing P from the saved log-sum-exp: dV += P^T dO, dP = dO V^T, dS = P (dP - delta),
@@ -32,9 +32,11 @@ namespace fastenc {
 #ifdef FASTENC_CPU_ATTENTION
 namespace {
 
-// kRows query rows per tile: an 8 x 32 tile of S is 16 accumulators, and an 8 x 32 tile of O another 16.
-// kBlock keys per softmax block: the rescale of O after each block costs 1 / kBlock of its product.
-constexpr int64_t kRows = 8, kLanes = 16, kBlock = 128;
+// kRows query rows per tile: an 8 x 48 tile of S or of O is 24 accumulators (of 32 registers), loaded by 3 + 8
+// loads per 24 FMAs.
+// kBlock keys per softmax block: the rescale of O after each block costs 1 / kBlock of its product, and encoder
+// sequences up to 256 tokens take one block (no rescale at all); a tile's block of S is 8 KiB, in L1.
+constexpr int64_t kRows = 8, kLanes = 16, kBlock = 256;
 constexpr float kLog2e = 1.44269504088896341f, kLn2 = 0.693147180559945309f;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
@@ -114,30 +116,31 @@ FASTENC_INLINE void scores_tile(const float* x, int64_t ldx, const float* panel,
   __m512 acc[kRows][PANELS];
 #pragma GCC unroll 8
   for (int r = 0; r < kRows; ++r) {
-#pragma GCC unroll 2
+#pragma GCC unroll 3
     for (int c = 0; c < PANELS; ++c) acc[r][c] = _mm512_setzero_ps();
   }
   for (int64_t d = 0; d < d_size; ++d) {
     __m512 keys[PANELS];
-#pragma GCC unroll 2
+#pragma GCC unroll 3
     for (int c = 0; c < PANELS; ++c) keys[c] = _mm512_loadu_ps(panel + (c * d_size + d) * kLanes);
 #pragma GCC unroll 8
     for (int r = 0; r < kRows; ++r) {
       const __m512 xr = _mm512_set1_ps(x[r * ldx + d]);
-#pragma GCC unroll 2
+#pragma GCC unroll 3
       for (int c = 0; c < PANELS; ++c) acc[r][c] = _mm512_fmadd_ps(xr, keys[c], acc[r][c]);
     }
   }
 #pragma GCC unroll 8
   for (int r = 0; r < kRows; ++r) {
-#pragma GCC unroll 2
+#pragma GCC unroll 3
     for (int c = 0; c < PANELS; ++c) _mm512_storeu_ps(s + r * kBlock + c * kLanes, acc[r][c]);
   }
 }
 
 void scores(const float* x, int64_t ldx, const float* panels, int64_t count, int64_t d_size, float* s) {
   int64_t c = 0;
-  for (; c + 2 <= count; c += 2) scores_tile<2>(x, ldx, panels + c * d_size * kLanes, d_size, s + c * kLanes);
+  for (; c + 3 <= count; c += 3) scores_tile<3>(x, ldx, panels + c * d_size * kLanes, d_size, s + c * kLanes);
+  if (c + 2 <= count) scores_tile<2>(x, ldx, panels + c * d_size * kLanes, d_size, s + c * kLanes), c += 2;
   if (c < count) scores_tile<1>(x, ldx, panels + c * d_size * kLanes, d_size, s + c * kLanes);
 }
 
@@ -147,30 +150,31 @@ FASTENC_INLINE void products_tile(const float* p, int64_t n, const float* y, int
   __m512 acc[kRows][VECS];
 #pragma GCC unroll 8
   for (int r = 0; r < kRows; ++r) {
-#pragma GCC unroll 2
+#pragma GCC unroll 3
     for (int c = 0; c < VECS; ++c) acc[r][c] = _mm512_loadu_ps(o + r * ldo + c * kLanes);
   }
   for (int64_t j = 0; j < n; ++j) {
     __m512 row[VECS];
-#pragma GCC unroll 2
+#pragma GCC unroll 3
     for (int c = 0; c < VECS; ++c) row[c] = _mm512_loadu_ps(y + j * ldy + c * kLanes);
 #pragma GCC unroll 8
     for (int r = 0; r < kRows; ++r) {
       const __m512 pr = _mm512_set1_ps(p[r * kBlock + j]);
-#pragma GCC unroll 2
+#pragma GCC unroll 3
       for (int c = 0; c < VECS; ++c) acc[r][c] = _mm512_fmadd_ps(pr, row[c], acc[r][c]);
     }
   }
 #pragma GCC unroll 8
   for (int r = 0; r < kRows; ++r) {
-#pragma GCC unroll 2
+#pragma GCC unroll 3
     for (int c = 0; c < VECS; ++c) _mm512_storeu_ps(o + r * ldo + c * kLanes, acc[r][c]);
   }
 }
 
 void products(const float* p, int64_t n, const float* y, int64_t ldy, float* o, int64_t ldo, int64_t dp) {
   int64_t c = 0;
-  for (; c + 2 * kLanes <= dp; c += 2 * kLanes) products_tile<2>(p, n, y + c, ldy, o + c, ldo);
+  for (; c + 3 * kLanes <= dp; c += 3 * kLanes) products_tile<3>(p, n, y + c, ldy, o + c, ldo);
+  if (c + 2 * kLanes <= dp) products_tile<2>(p, n, y + c, ldy, o + c, ldo), c += 2 * kLanes;
   if (c < dp) products_tile<1>(p, n, y + c, ldy, o + c, ldo);
 }
 
@@ -182,24 +186,24 @@ FASTENC_INLINE void transposed_products_tile(const float* p, const float* x, int
   __m512 acc[kKeys][VECS];
 #pragma GCC unroll 8
   for (int j = 0; j < kKeys; ++j) {
-#pragma GCC unroll 2
+#pragma GCC unroll 3
     for (int c = 0; c < VECS; ++c) acc[j][c] = _mm512_loadu_ps(z + j * ldz + c * kLanes);
   }
 #pragma GCC unroll 8
   for (int r = 0; r < kRows; ++r) {
     __m512 row[VECS];
-#pragma GCC unroll 2
+#pragma GCC unroll 3
     for (int c = 0; c < VECS; ++c) row[c] = _mm512_loadu_ps(x + r * ldx + c * kLanes);
 #pragma GCC unroll 8
     for (int j = 0; j < kKeys; ++j) {
       const __m512 pj = _mm512_set1_ps(p[r * kBlock + j]);
-#pragma GCC unroll 2
+#pragma GCC unroll 3
       for (int c = 0; c < VECS; ++c) acc[j][c] = _mm512_fmadd_ps(pj, row[c], acc[j][c]);
     }
   }
 #pragma GCC unroll 8
   for (int j = 0; j < kKeys; ++j) {
-#pragma GCC unroll 2
+#pragma GCC unroll 3
     for (int c = 0; c < VECS; ++c) _mm512_storeu_ps(z + j * ldz + c * kLanes, acc[j][c]);
   }
 }
@@ -230,9 +234,8 @@ int64_t prepare_keys(const P& p, const Head& h, Scratch& w) {
   if (pad) {
     while (end > 0 && pad[(end - 1) * p.kpm_stride[1]]) --end;
   }
-  const int64_t padded_keys = round_up(end, kBlock);
-  w.key_add.assign(padded_keys, -kInf);
-  w.block_live.assign(padded_keys / kBlock, 0);
+  w.key_add.assign(round_up(end, kLanes), -kInf);
+  w.block_live.assign((end + kBlock - 1) / kBlock, 0);
   for (int64_t j = 0; j < end; ++j) {
     if (pad && pad[j * p.kpm_stride[1]]) continue;
     w.key_add[j] = 0.0f;
@@ -318,7 +321,7 @@ void forward_task(const Problem<scalar_t, bias_t>& p, const Head& h, int64_t q0,
   const int64_t d_size = p.head_dim, dp = round_up(d_size, kLanes);
   const int64_t keys = prepare_keys(p, h, w);
   const int64_t keys_needed = p.causal ? std::min(keys, q1) : keys;
-  const int64_t padded = round_up(keys_needed, kBlock);
+  const int64_t padded = round_up(keys_needed, kLanes);
   w.k_rows.resize(padded * dp);
   w.k_panels.resize(padded * d_size);
   w.v_rows.resize(padded * dp);
@@ -363,7 +366,9 @@ void forward_task(const Problem<scalar_t, bias_t>& p, const Head& h, int64_t q0,
         row_max[r] = new_max;
         if (alpha != 1.0f) {
           float* o = w.o_tile.data() + r * dp;
-          for (int64_t d = 0; d < dp; ++d) o[d] *= alpha;
+          for (int64_t d = 0; d < dp; d += kLanes) {
+            _mm512_storeu_ps(o + d, _mm512_mul_ps(_mm512_loadu_ps(o + d), _mm512_set1_ps(alpha)));
+          }
         }
       }
       products(s, n, w.v_rows.data() + j0 * dp, dp, w.o_tile.data(), dp, dp);
@@ -382,7 +387,7 @@ template <typename scalar_t, typename bias_t>
 void backward_task(const Problem<scalar_t, bias_t>& p, const Head& h, Scratch& w) {
   const int64_t d_size = p.head_dim, dp = round_up(d_size, kLanes);
   const int64_t keys = prepare_keys(p, h, w);
-  const int64_t padded = round_up(keys, kBlock);
+  const int64_t padded = round_up(keys, kLanes);
   w.k_rows.resize(padded * dp);
   w.k_panels.resize(padded * d_size);
   w.v_rows.resize(padded * dp);
