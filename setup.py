@@ -95,7 +95,8 @@ def nvidia_include_dirs() -> list[str]:
 
 
 def extension():
-    cpp_sources = ["csrc/fastenc.cpp", "csrc/lstm.cpp", "csrc/cpu/layer_norm.cpp", "csrc/cpu/lstm.cpp"]
+    cpp_sources = ["csrc/fastenc.cpp", "csrc/lstm.cpp", "csrc/cpu/bias_activation.cpp", "csrc/cpu/layer_norm.cpp",
+                   "csrc/cpu/lstm.cpp"]
     # torch picks the C++ standard its headers need. at::parallel_for is inline OpenMP code: without -fopenmp it
     # would run every loop on one thread. (libgomp is the one torch itself loads.)
     cxx_flags = ["-O3", "-fopenmp"]

@@ -18,7 +18,8 @@ from fastenc import backends
 
 backends.register(
     "bias_activation",
-    {"reference": "fastenc.reference.bias_activation", "triton": "fastenc.kernels.bias_activation"},
+    {"reference": "fastenc.reference.bias_activation", "triton": "fastenc.kernels.bias_activation",
+     "native": "fastenc._C"},
 )
 
 
