@@ -230,6 +230,7 @@ struct Dropout {
   uint32_t key1[kPhiloxRounds];
   float p;
   float scale;  // 1 / (1 - p), rounded as Triton's float32 does
+  double scale64;  // 1 / (1 - p) for float64 rows (the keep decision is the float32 one)
 };
 
 Dropout make_dropout(double p, int64_t seed) {
@@ -244,6 +245,7 @@ Dropout make_dropout(double p, int64_t seed) {
   }
   d.p = static_cast<float>(p);
   d.scale = 1.f / (1.f - d.p);
+  d.scale64 = 1 / (1 - p);
   return d;
 }
 
@@ -430,7 +432,7 @@ template <Act A>
 void forward_rows64(const RowArgs& a, int64_t begin, int64_t end, const Dropout& d, const double* b) {
   const double* x = static_cast<const double*>(a.x);
   double* y = static_cast<double*>(a.out);
-  const double scale = 1 / (1 - static_cast<double>(d.p));
+  const double scale = d.scale64;
   for (int64_t row = begin; row < end; ++row) {
     for (int64_t j = 0; j < a.n; ++j) {
       double v = activate64<A>(x[row * a.x_stride + j] + b[j]);
@@ -446,7 +448,7 @@ void backward_rows64(const RowArgs& a, int64_t begin, int64_t end, const Dropout
   const double* x = static_cast<const double*>(a.x);
   const double* dy = static_cast<const double*>(a.dy);
   double* dx = static_cast<double*>(a.out);
-  const double scale = 1 / (1 - static_cast<double>(d.p));
+  const double scale = d.scale64;
   for (int64_t row = begin; row < end; ++row) {
     for (int64_t j = 0; j < a.n; ++j) {
       double dz = activate_backward64<A>(x[row * a.x_stride + j] + b[j], dy[row * a.dy_stride + j]);
