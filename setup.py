@@ -95,8 +95,8 @@ def nvidia_include_dirs() -> list[str]:
 
 
 def extension():
-    cpp_sources = ["csrc/fastenc.cpp", "csrc/lstm.cpp", "csrc/cpu/attention.cpp", "csrc/cpu/layer_norm.cpp",
-                   "csrc/cpu/lstm.cpp"]
+    cpp_sources = ["csrc/fastenc.cpp", "csrc/lstm.cpp", "csrc/cpu/attention.cpp", "csrc/cpu/bias_activation.cpp",
+                   "csrc/cpu/layer_norm.cpp", "csrc/cpu/lstm.cpp"]
     # C++20 for std::bit_cast / std::span (csrc/cpu); torch's cpp_extension would otherwise pick its own default,
     # which is C++17 up to torch 2.13. at::parallel_for is inline OpenMP code: without -fopenmp it would run every
     # loop on one thread. (libgomp is the one torch itself loads.)

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "attention.h"
+#include "bias_activation.h"
 #include "checks.h"
 #include "layer_norm.h"
 #include "lstm.h"
@@ -52,6 +53,39 @@ LayerNormBackward layer_norm_backward(const at::Tensor& dy, const std::optional<
   }
   TORCH_CHECK(xs.is_cpu(), "xs must be a CPU or CUDA tensor, got ", xs.device());
   return layer_norm_backward_cpu(dy, dsum, xs, weight, mean, rstd, has_bias);
+}
+
+// activation, dropout_p and dropout_seed of the bias_activation entry points; the kernels are CPU-only.
+void check_bias_activation(const at::Tensor& x, const std::optional<at::Tensor>& bias, const std::string& activation,
+                           double dropout_p, const std::optional<at::Tensor>& dropout_seed) {
+  check_2d(x, "x");
+  check_floating(x, "x");
+  check_param(bias, x, "bias");
+  TORCH_CHECK(activation == "relu" || activation == "gelu" || activation == "gelu_tanh",
+              "activation must be \"relu\", \"gelu\" or \"gelu_tanh\", got \"", activation, "\"");
+  TORCH_CHECK(dropout_p >= 0 && dropout_p < 1, "dropout_p must be in [0, 1), got ", dropout_p);
+  if (dropout_p > 0) {
+    TORCH_CHECK(dropout_seed.has_value(), "dropout_seed must be given when dropout_p > 0");
+    TORCH_CHECK(dropout_seed->numel() == 1 && dropout_seed->scalar_type() == at::kLong,
+                "dropout_seed must be an int64 scalar tensor, got ", dropout_seed->scalar_type(), " of shape ",
+                dropout_seed->sizes());
+  }
+  TORCH_CHECK(x.is_cpu(), "fastenc._C has bias_activation kernels for CPU tensors only; x is on ", x.device());
+}
+
+at::Tensor bias_activation_forward(const at::Tensor& x, const std::optional<at::Tensor>& bias,
+                                   const std::string& activation, double dropout_p,
+                                   const std::optional<at::Tensor>& dropout_seed) {
+  check_bias_activation(x, bias, activation, dropout_p, dropout_seed);
+  return bias_activation_forward_cpu(x, bias, activation, dropout_p, dropout_seed);
+}
+
+BiasActivationBackward bias_activation_backward(const at::Tensor& dy, const at::Tensor& x,
+                                                const std::optional<at::Tensor>& bias, const std::string& activation,
+                                                double dropout_p, const std::optional<at::Tensor>& dropout_seed) {
+  check_bias_activation(x, bias, activation, dropout_p, dropout_seed);
+  check_like(dy, x, "dy", "x");
+  return bias_activation_backward_cpu(dy, x, bias, activation, dropout_p, dropout_seed);
 }
 
 // One LSTM layer's operands: x (T, B, I), or (N, I) with batch_sizes (T,) int64 on the CPU; h0 (B, P), c0 (B, H),
@@ -204,6 +238,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("layer_norm_backward", &fastenc::layer_norm_backward, "LayerNorm backward -> (dx, dweight, dbias)",
         py::arg("dy"), py::arg("dsum"), py::arg("xs"), py::arg("weight"), py::arg("mean"), py::arg("rstd"),
         py::arg("has_bias"));
+  m.def("bias_activation_forward", &fastenc::bias_activation_forward,
+        "dropout(act(x + bias)) over the rows of x -> y", py::arg("x"), py::arg("bias"), py::arg("activation"),
+        py::arg("dropout_p"), py::arg("dropout_seed"));
+  m.def("bias_activation_backward", &fastenc::bias_activation_backward, "Its backward -> (dx, dbias)",
+        py::arg("dy"), py::arg("x"), py::arg("bias"), py::arg("activation"), py::arg("dropout_p"),
+        py::arg("dropout_seed"));
+  m.def("_bias_activation_math", &fastenc::bias_activation_math_cpu,
+        "Test hook: the float32 erfc or sigmoid the bias_activation kernels use, element by element",
+        py::arg("x"), py::arg("name"));
   m.def("lstm_layer_forward", &fastenc::lstm_layer_forward_checked,
         "One LSTM layer in one direction -> (out, h_n, c_n, gates, cs, rs)", py::arg("x"), py::arg("h0"),
         py::arg("c0"), py::arg("w_ih"), py::arg("w_hh"), py::arg("bias"), py::arg("w_hr"), py::arg("batch_sizes"),

@@ -26,6 +26,7 @@ def op_backend(backend_device):
     name, device = backend_device
     if name not in backends.implemented("bias_activation"):
         pytest.skip(f"{name} has no bias_activation of its own (it runs the reference)")
+    skip_unless_takes("bias_activation", name, torch.empty(1, 1, device=device), None, "relu", 0.0, None)
     return name, device
 
 
@@ -108,3 +109,172 @@ def test_opcheck(op_backend):
     x, b = _inputs((5, 40), torch.float32, device)
     for args in [(x, b, "gelu", 0.0, None), (x, None, "relu", 0.0, None), (x, b, "gelu_tanh", 0.2, torch.tensor(3))]:
         torch.library.opcheck(torch.ops.fastenc.bias_activation.default, (*args, name))
+
+
+# ---- The native CPU kernels (fastenc._C): float64 too, odd sizes, strides, the float32 math they are built on.
+
+@pytest.fixture
+def native():
+    reason = backends.unavailable_reason("native")
+    if reason:
+        pytest.skip(reason)
+    from fastenc import _C
+
+    with fastenc.backend("native"):
+        yield _C
+
+
+def _torch64(activation, z):
+    return TORCH_ACTIVATIONS[activation](z)
+
+
+@pytest.mark.parametrize("activation", list(TORCH_ACTIVATIONS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("m", [1, 7, 33])
+@pytest.mark.parametrize("n", [1, 5, 17, 1000, 3072])
+def test_native_sizes(native, activation, dtype, m, n):
+    """Forward and both gradients against torch in float64, within twice torch's own error in dtype (conftest)."""
+    x, b = _inputs((m, n), dtype, "cpu")
+    dy = torch.randn((m, n), generator=torch.Generator().manual_seed(1)).to(dtype)
+    got = outputs_and_grads(lambda x, b: F.bias_activation(x, b, activation), (x, b), [dy])
+    assert backends.last_used()["bias_activation"] == "native"
+    eager = outputs_and_grads(lambda x, b: _torch64(activation, x + b), (x, b), [dy])
+    exact = outputs_and_grads(lambda x, b: _torch64(activation, x + b), (x, b), [dy], cast=torch.float64)
+    compare_with_oracle(["y", "dx", "dbias"], got, eager, exact)
+
+
+@pytest.mark.parametrize("activation", list(TORCH_ACTIVATIONS))
+def test_native_strided_and_without_bias(native, activation):
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(40, 2 * 257, generator=g) * 2
+    dy = torch.randn(257, 257, generator=g)
+    for x in (base[:, ::2], base[:, 1:258], base.t()[:257]):  # strided columns, a row stride, a transpose
+        assert not x.is_contiguous()
+        dy_x = dy[: x.shape[0], : x.shape[1]]
+        got = outputs_and_grads(lambda x: F.bias_activation(x, None, activation), (x,), [dy_x])
+        exact = outputs_and_grads(lambda x: _torch64(activation, x), (x,), [dy_x], cast=torch.float64)
+        eager = outputs_and_grads(lambda x: _torch64(activation, x), (x,), [dy_x])
+        compare_with_oracle(["y", "dx"], got, eager, exact)
+    dx, dbias = native.bias_activation_backward(dy[:40, :257].contiguous(), base[:, :257], None, activation, 0.0, None)
+    assert dbias.shape == (0,) and dx.shape == (40, 257)
+
+
+def test_native_float32_bias_with_bfloat16(native):
+    x, b = _inputs((33, 1000), torch.bfloat16, "cpu", bias_dtype=torch.float32)
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(x)
+    got = outputs_and_grads(lambda x, b: F.bias_activation(x, b, "gelu"), (x, b), [dy])
+    assert got[0].dtype == torch.bfloat16 and got[2].dtype == torch.float32
+    eager = outputs_and_grads(lambda x, b: TF.gelu(x.float() + b).bfloat16(), (x, b), [dy])
+    exact = outputs_and_grads(lambda x, b: TF.gelu(x + b), (x, b), [dy], cast=torch.float64)
+    compare_with_oracle(["y", "dx", "dbias"], got, eager, exact)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_native_dropout_mask(native, dtype):
+    p, shape = 0.3, (129, 311)
+    x, b = _inputs(shape, dtype, "cpu")
+    seed = torch.tensor(1234)
+    # relu(1) = 1: with x = 1 the output is the mask, scaled.
+    kept = native.bias_activation_forward(torch.ones(shape, dtype=dtype), None, "relu", p, seed) != 0
+    sd = math.sqrt(p * (1 - p) / kept.numel())
+    assert abs(kept.double().mean().item() - (1 - p)) < 5 * sd
+    y = native.bias_activation_forward(x, b, "gelu", p, seed)
+    assert torch.equal(y, native.bias_activation_forward(x, b, "gelu", p, seed))
+    other = native.bias_activation_forward(torch.ones(shape, dtype=dtype), None, "relu", p, torch.tensor(1235))
+    assert not torch.equal(kept, other != 0)
+    dense = native.bias_activation_forward(x, b, "gelu", 0.0, None)
+    assert not y[~kept].any()
+    torch.testing.assert_close(y[kept], (dense.double() / (1 - p)).to(dtype)[kept], rtol=2 * torch.finfo(dtype).eps,
+                               atol=0)
+    # The backward regenerates the forward's mask: dx = dy * act'(z) / (1 - p) where kept, 0 elsewhere.
+    dy = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    dx, dbias = native.bias_activation_backward(dy, x, b, "gelu", p, seed)
+    dx_dense, _ = native.bias_activation_backward(dy, x, b, "gelu", 0.0, None)
+    assert not dx[~kept].any()
+    expected = (dx_dense.double() / (1 - p)).to(dtype)
+    torch.testing.assert_close(dx[kept], expected[kept], rtol=2 * torch.finfo(dtype).eps, atol=0)
+    z = (x.double() + b.double()).requires_grad_()
+    (want,) = torch.autograd.grad(TF.gelu(z) * kept / (1 - p), z, dy.double())
+    torch.testing.assert_close(dbias.double(), want.sum(0), rtol=1e-5, atol=1e-4)
+
+
+def test_native_dropout_matches_triton(native):
+    """The mask is Philox 4x32-10 of (seed, row * N + col), as tl.rand draws it in kernels/bias_activation.py."""
+    if backends.unavailable_reason("triton") or backends.device_reason("triton", "cpu"):
+        pytest.skip("the Triton kernel cannot run on CPU tensors here")
+    from fastenc.kernels import bias_activation as triton_impl
+
+    x, b = _inputs((37, 300), torch.float32, "cpu")
+    seed = torch.tensor(987654321)
+    assert torch.equal(native.bias_activation_forward(x, b, "relu", 0.25, seed) != 0,
+                       triton_impl.bias_activation_forward(x, b, "relu", 0.25, seed) != 0)
+
+
+def _step(mag):
+    """The float32 spacing at |mag| (at least the smallest subnormal), in float64."""
+    mag = mag.float().abs()
+    return torch.maximum(torch.nextafter(mag, torch.tensor(math.inf)) - mag, torch.tensor(2.0**-149)).double()
+
+
+def _ulps(got, want, scale=None):
+    """|got - want| in float32 steps at |scale| (default: at |want|)."""
+    return (got.double() - want).abs() / _step(want if scale is None else scale)
+
+
+SWEEP = torch.linspace(-10, 10, 400001)  # spacing 5e-5, every binade from 2^-15 up
+SPECIAL = torch.tensor([math.inf, -math.inf, math.nan, 0.0, -0.0])
+
+
+def test_native_erfc_and_sigmoid_accuracy(native):
+    """The kernels' float32 building blocks against float64: erfc (Phi(z) = erfc(-z / sqrt 2) / 2 in the GELU,
+    both tails relative) within 6 ulp, sigmoid ((1 + tanh(v / 2)) / 2 in gelu_tanh) within 3 ulp."""
+    erfc = native._bias_activation_math(SWEEP, "erfc")
+    assert _ulps(erfc, torch.special.erfc(SWEEP.double())).max() <= 6
+    sig = native._bias_activation_math(SWEEP * 4, "sigmoid")
+    assert _ulps(sig, torch.sigmoid(SWEEP.double() * 4)).max() <= 3
+    torch.testing.assert_close(native._bias_activation_math(SPECIAL, "erfc"), torch.tensor([0, 2, math.nan, 1, 1]),
+                               equal_nan=True)
+    torch.testing.assert_close(native._bias_activation_math(SPECIAL, "sigmoid"),
+                               torch.tensor([1, 0, math.nan, 0.5, 0.5]), equal_nan=True)
+
+
+def test_native_gelu_accuracy(native):
+    """float32 GELU over [-10, 10] against float64 (erfc / sigmoid forms, which keep the left tail that torch's
+    1 + erf and 1 + tanh round to 0). Exact GELU: y within 6 ulp; y' within 8 ulp of max(|y'|, Phi), since
+    y' = Phi + z phi cancels near its root. gelu_tanh: its argument v = 2u takes five float32 roundings (each
+    2^-24 relative at most), which e^-v turns into a relative error of up to 5 |v| 2^-24: bounds of 5 |v| ulp
+    on top of the few of the function itself."""
+    z = SWEEP.reshape(1, -1)
+    zd = z.double()
+    ones = torch.ones_like(z)
+    cdf = 0.5 * torch.special.erfc(-zd / math.sqrt(2))
+    density = torch.exp(-zd * zd / 2) / math.sqrt(2 * math.pi)
+    y = native.bias_activation_forward(z, None, "gelu", 0.0, None)
+    dx, _ = native.bias_activation_backward(ones, z, None, "gelu", 0.0, None)
+    assert _ulps(y, zd * cdf).max() <= 6
+    grad = cdf + zd * density
+    assert _ulps(dx, grad, torch.maximum(grad.abs(), cdf)).max() <= 8
+
+    k = math.sqrt(2 / math.pi)
+    v = 2 * k * (zd + 0.044715 * zd**3)
+    s = torch.sigmoid(v)
+    y = native.bias_activation_forward(z, None, "gelu_tanh", 0.0, None)
+    dx, _ = native.bias_activation_backward(ones, z, None, "gelu_tanh", 0.0, None)
+    # ... plus |z| times s's subnormal step, where s = sigmoid(v) < 2^-126 (v < -87.3)
+    bound = (6 + 5 * v.abs()) * _step(zd * s) + zd.abs() * 2.0**-149
+    assert ((y.double() - zd * s).abs() <= bound).all()
+    grad = s + zd * 2 * s * (1 - s) * k * (1 + 3 * 0.044715 * zd * zd)
+    assert (_ulps(dx, grad, torch.maximum(grad.abs(), s)) <= 8 + 5 * v.abs()).all()
+
+
+def test_native_special_values(native):
+    """inf and NaN come out as torch's: NaN in, NaN out; gelu(-inf) is NaN (-inf * 0), as torch has it."""
+    x = SPECIAL.reshape(1, -1)
+    for activation in TORCH_ACTIVATIONS:
+        z = x.double().requires_grad_()
+        want = _torch64(activation, z)
+        (grad,) = torch.autograd.grad(want, z, torch.ones_like(want))
+        y = native.bias_activation_forward(x, None, activation, 0.0, None)
+        dx, _ = native.bias_activation_backward(torch.ones_like(x), x, None, activation, 0.0, None)
+        torch.testing.assert_close(y.double(), want.detach(), equal_nan=True)
+        torch.testing.assert_close(dx.double(), grad, equal_nan=True)

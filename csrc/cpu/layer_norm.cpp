@@ -122,66 +122,94 @@ void forward_kernel(const scalar_t* x, const scalar_t* residual, const acc_t* w,
   });
 }
 
+// Accumulators of the backward's row sums: one vector register of float32 lanes under AVX-512.
+constexpr int64_t kBackwardLanes = 16;
+
+// The backward's first pass over one row: sum(g) and sum(g * xhat), g = dy [* w], xhat = (xs - mean) * rstd, in
+// independent lanes (see row_sum), and the row's dweight / dbias terms added into dw / db.
+template <bool kWeight, bool kBias, typename scalar_t, typename acc_t>
+FASTENC_INLINE void backward_row_sums(const scalar_t* __restrict dy, const scalar_t* __restrict xs,
+                                      const acc_t* __restrict w, acc_t mu, acc_t rs, acc_t* __restrict dw,
+                                      acc_t* __restrict db, int64_t n, acc_t& sum_g, acc_t& sum_gx) {
+  acc_t lane_g[kBackwardLanes] = {};
+  acc_t lane_gx[kBackwardLanes] = {};
+  int64_t j = 0;
+  for (; j < n; j += kBackwardLanes) {
+    const int64_t width = std::min(kBackwardLanes, n - j);
+    if (width == kBackwardLanes) {
+      for (int64_t k = 0; k < kBackwardLanes; ++k) {
+        const acc_t d = static_cast<acc_t>(dy[j + k]);
+        const acc_t xhat = (static_cast<acc_t>(xs[j + k]) - mu) * rs;
+        const acc_t g = kWeight ? d * w[j + k] : d;
+        lane_g[k] += g;
+        lane_gx[k] += g * xhat;
+        if constexpr (kWeight) dw[j + k] += d * xhat;
+        if constexpr (kBias) db[j + k] += d;
+      }
+    } else {
+      for (int64_t k = 0; k < width; ++k) {
+        const acc_t d = static_cast<acc_t>(dy[j + k]);
+        const acc_t xhat = (static_cast<acc_t>(xs[j + k]) - mu) * rs;
+        const acc_t g = kWeight ? d * w[j + k] : d;
+        lane_g[k] += g;
+        lane_gx[k] += g * xhat;
+        if constexpr (kWeight) dw[j + k] += d * xhat;
+        if constexpr (kBias) db[j + k] += d;
+      }
+    }
+  }
+  sum_g = 0;
+  sum_gx = 0;
+  for (int64_t k = 0; k < kBackwardLanes; ++k) {
+    sum_g += lane_g[k];
+    sum_gx += lane_gx[k];
+  }
+}
+
 // dx for rows [begin, end), and their dweight / dbias contributions added into dw / db (this chunk's own rows).
+// Two fused passes over each row, as torch's kernel has it: the first reads dy and xs once for the row sums and
+// the parameter gradients, the second (the row still in L1 / L2) writes dx. No scratch rows: each element is
+// widened and normalised where it is used. (dw is given exactly when w is.)
 template <typename scalar_t, typename acc_t>
-FASTENC_INLINE void backward_rows(const scalar_t* dy, const scalar_t* dsum, const scalar_t* xs, const acc_t* w,
-                                  const acc_t* mean, const acc_t* rstd, scalar_t* dx, acc_t* dw, acc_t* db, int64_t n,
-                                  int64_t begin, int64_t end) {
-  std::vector<acc_t> scratch(3 * n);
-  acc_t* g = scratch.data();       // dy * w
-  acc_t* xhat = g + n;             // (xs - mean) * rstd
-  acc_t* dyf = xhat + n;           // dy in op-math
+FASTENC_INLINE void backward_rows(const scalar_t* __restrict dy, const scalar_t* __restrict dsum,
+                                  const scalar_t* __restrict xs, const acc_t* __restrict w,
+                                  const acc_t* __restrict mean, const acc_t* __restrict rstd, scalar_t* __restrict dx,
+                                  acc_t* __restrict dw, acc_t* __restrict db, int64_t n, int64_t begin, int64_t end) {
   const acc_t inv_n = acc_t(1) / static_cast<acc_t>(n);
   for (int64_t row = begin; row < end; ++row) {
     const int64_t off = row * n;
-    const scalar_t* dyr = dy + off;
-    const scalar_t* xr = xs + off;
+    const scalar_t* __restrict dyr = dy + off;
+    const scalar_t* __restrict xr = xs + off;
     const acc_t mu = mean[row];
     const acc_t rs = rstd[row];
-    for (int64_t j = 0; j < n; ++j) {
-      dyf[j] = static_cast<acc_t>(dyr[j]);
-      xhat[j] = (static_cast<acc_t>(xr[j]) - mu) * rs;
-    }
-    if (w) {
-      for (int64_t j = 0; j < n; ++j) g[j] = dyf[j] * w[j];
+    acc_t sum_g, sum_gx;
+    if (w && db) {
+      backward_row_sums<true, true>(dyr, xr, w, mu, rs, dw, db, n, sum_g, sum_gx);
+    } else if (w) {
+      backward_row_sums<true, false>(dyr, xr, w, mu, rs, dw, db, n, sum_g, sum_gx);
+    } else if (db) {
+      backward_row_sums<false, true>(dyr, xr, w, mu, rs, dw, db, n, sum_g, sum_gx);
     } else {
-      std::copy(dyf, dyf + n, g);
-    }
-    // sum(g) and sum(g * xhat) with independent lanes (see row_sum).
-    acc_t lane_g[kLanes] = {};
-    acc_t lane_gx[kLanes] = {};
-    int64_t j = 0;
-    for (; j + kLanes <= n; j += kLanes) {
-      for (int64_t k = 0; k < kLanes; ++k) {
-        lane_g[k] += g[j + k];
-        lane_gx[k] += g[j + k] * xhat[j + k];
-      }
-    }
-    acc_t sum_g = 0, sum_gx = 0;
-    for (int64_t k = 0; k < kLanes; ++k) {
-      sum_g += lane_g[k];
-      sum_gx += lane_gx[k];
-    }
-    for (; j < n; ++j) {
-      sum_g += g[j];
-      sum_gx += g[j] * xhat[j];
+      backward_row_sums<false, false>(dyr, xr, w, mu, rs, dw, db, n, sum_g, sum_gx);
     }
     const acc_t mean_g = sum_g * inv_n;
     const acc_t mean_gx = sum_gx * inv_n;
-    scalar_t* dxr = dx + off;
+    scalar_t* __restrict dxr = dx + off;
     if (dsum) {
-      const scalar_t* dsr = dsum + off;
+      const scalar_t* __restrict dsr = dsum + off;
       for (int64_t i = 0; i < n; ++i) {
-        dxr[i] = static_cast<scalar_t>(rs * (g[i] - mean_g - xhat[i] * mean_gx) + static_cast<acc_t>(dsr[i]));
+        const acc_t d = static_cast<acc_t>(dyr[i]);
+        const acc_t xhat = (static_cast<acc_t>(xr[i]) - mu) * rs;
+        const acc_t g = w ? d * w[i] : d;
+        dxr[i] = static_cast<scalar_t>(rs * (g - mean_g - xhat * mean_gx) + static_cast<acc_t>(dsr[i]));
       }
     } else {
-      for (int64_t i = 0; i < n; ++i) dxr[i] = static_cast<scalar_t>(rs * (g[i] - mean_g - xhat[i] * mean_gx));
-    }
-    if (dw) {
-      for (int64_t i = 0; i < n; ++i) dw[i] += dyf[i] * xhat[i];
-    }
-    if (db) {
-      for (int64_t i = 0; i < n; ++i) db[i] += dyf[i];
+      for (int64_t i = 0; i < n; ++i) {
+        const acc_t d = static_cast<acc_t>(dyr[i]);
+        const acc_t xhat = (static_cast<acc_t>(xr[i]) - mu) * rs;
+        const acc_t g = w ? d * w[i] : d;
+        dxr[i] = static_cast<scalar_t>(rs * (g - mean_g - xhat * mean_gx));
+      }
     }
   }
 }

@@ -17,10 +17,15 @@ from torch import Tensor
 from fastenc import backends
 
 
+def _native_supports(x, *_) -> str | None:
+    return "fastenc._C's bias_activation runs CPU tensors" if x.device.type != "cpu" else None
+
+
 backends.register(
     "bias_activation",
     {"reference": "fastenc.reference.bias_activation", "torch": "fastenc.torch_ops.bias_activation",
-     "triton": "fastenc.kernels.bias_activation"},
+     "triton": "fastenc.kernels.bias_activation", "native": "fastenc._C"},
+    supports={"native": _native_supports},
 )
 
 
