@@ -51,6 +51,9 @@ def _torch_mask(b, h, s_q, s_k, attn_mask, key_padding_mask, is_causal, dtype, d
 def _check(q, k, v, attn_mask=None, key_padding_mask=None, is_causal=False, scale=None):
     b, h, s_q, d = q.shape
     s_k = k.shape[2]
+    bias = None if attn_mask is None else attn_mask.to(q.dtype if attn_mask.dtype == torch.bool else attn_mask.dtype)
+    skip_unless_takes("attention", fastenc.get_backend(), q, k, v, bias, key_padding_mask, None, None, s_q, s_k,
+                      is_causal, 1.0, 0.0, None)
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(7)).to(q)
 
     def ours(q, k, v):
@@ -191,11 +194,12 @@ def _pack(x, lengths):
 
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_varlen_equals_padded(attention_backend, is_causal):
-    _, device = attention_backend
+    name, device = attention_backend
     lengths_q = [5, 1, 23, 17]
     lengths_k = lengths_q if is_causal else [9, 4, 30, 1]
     s_q, s_k = max(lengths_q), max(lengths_k)
-    q, k, v = _qkv(len(lengths_q), 2, s_q, s_k, 40, torch.float16, device, seed=9)
+    q, k, v = _qkv(len(lengths_q), 2, s_q, s_k, 40, torch.float32 if name == "native" else torch.float16, device,
+                   seed=9)
     padding = torch.arange(s_k, device=device)[None, :] >= torch.tensor(lengths_k, device=device)[:, None]
     cu_q = torch.tensor([0] + lengths_q, device=device).cumsum(0).to(torch.int32)
     cu_k = torch.tensor([0] + lengths_k, device=device).cumsum(0).to(torch.int32)

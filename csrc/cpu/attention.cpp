@@ -10,7 +10,6 @@
 // its query tiles, recomputing P from the saved log-sum-exp: dV += P^T dO, dP = dO V^T, dS = P (dP - delta),
 // dQ += dS K, dK += dS^T Q. Each head's dK and dV belong to one task, so no atomics are needed.
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -98,15 +97,6 @@ FASTENC_INLINE __m512 exp2_16(__m512 x) {
     poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(c));
   }
   return _mm512_scalef_ps(poly, n);
-}
-
-FASTENC_INLINE __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-FASTENC_INLINE __m512 load16(const c10::BFloat16* p) {
-  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
-FASTENC_INLINE __m512 load16(const c10::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
 // S[kRows][kBlock] = X[kRows][D] (row stride ldx) times `panels` panels of packed keys ([D][16] each), in tiles of
@@ -289,7 +279,7 @@ void mask_scores(const P& p, const Head& h, const Scratch& w, int64_t i0, int64_
       if (bias_row) {
         __m512 b;
         if (p.bias_stride[3] == 1 && j + kLanes <= h.len_k) {
-          b = load16(bias_row + j);
+          b = _mm512_loadu_ps(bias_row + j);
         } else {
           alignas(64) float lanes[kLanes];
           for (int64_t l = 0; l < kLanes; ++l) {
@@ -544,25 +534,12 @@ void set_lse_strides(const at::Tensor& lse, bool packed, int64_t* s) {
 
 at::Tensor rows_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
-// Calls fn.template operator()<scalar_t, bias_t>() for the inputs' dtypes: the bias is float32 or q's dtype.
-template <typename scalar_t, typename F>
-void dispatch_bias(const std::optional<at::Tensor>& bias, const F& fn) {
-  if (!bias.has_value() || bias->scalar_type() == c10::CppTypeToScalarType<scalar_t>::value) {
-    fn.template operator()<scalar_t, scalar_t>();
-  } else {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat, "bias must be float32 or q's dtype, got ", bias->scalar_type());
-    fn.template operator()<scalar_t, float>();
-  }
-}
-
-template <typename F>
-void dispatch(const at::Tensor& q, const std::optional<at::Tensor>& bias, const F& fn) {
-  switch (q.scalar_type()) {
-    case at::kFloat: return dispatch_bias<float>(bias, fn);
-    case at::kBFloat16: return dispatch_bias<c10::BFloat16>(bias, fn);
-    case at::kHalf: return dispatch_bias<c10::Half>(bias, fn);
-    default: TORCH_CHECK(false, "the native attention supports float32, bfloat16 and float16, got ", q.scalar_type());
-  }
+// float32 only: on bfloat16 / float16 inputs torch's CPU flash kernel is the faster one (on AMX CPUs by far), and
+// "auto" runs it (fastenc/ops/attention.py).
+void check_dtypes(const at::Tensor& q, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat, "the native attention takes float32, got ", q.scalar_type());
+  TORCH_CHECK(!bias.has_value() || bias->scalar_type() == at::kFloat, "bias must be float32, got ",
+              bias->scalar_type());
 }
 
 // Query rows per forward task: whole heads when there are enough of them to share out, else a head's rows in
@@ -604,15 +581,14 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
       cost.push_back((end - r) * (is_causal ? std::min(heads[i].len_k, end) : heads[i].len_k) + heads[i].len_k);
     }
   }
-  dispatch(q, bias, [&]<typename scalar_t, typename bias_t>() {
-    auto p = problem_of<scalar_t, bias_t>(q, k, v, out, bias, key_padding_mask, packed, is_causal, scale);
-    p.q_grad_or_out = out.data_ptr<scalar_t>();
-    p.lse_out = lse.data_ptr<float>();
-    set_lse_strides(lse, packed, p.lse_stride);
-    for_each_balanced(cost, [&](int64_t t, Scratch& scratch) {
-      const auto& [head, first, end] = tasks[t];
-      forward_task(p, heads[head], first, end, scratch);
-    });
+  check_dtypes(q, bias);
+  auto p = problem_of<float, float>(q, k, v, out, bias, key_padding_mask, packed, is_causal, scale);
+  p.q_grad_or_out = out.data_ptr<float>();
+  p.lse_out = lse.data_ptr<float>();
+  set_lse_strides(lse, packed, p.lse_stride);
+  for_each_balanced(cost, [&](int64_t t, Scratch& scratch) {
+    const auto& [head, first, end] = tasks[t];
+    forward_task(p, heads[head], first, end, scratch);
   });
   return {out, lse};
 }
@@ -631,17 +607,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
   const auto heads = heads_of(q, k, cu_seqlens_q, cu_seqlens_k);
   std::vector<int64_t> cost;
   for (const auto& h : heads) cost.push_back(h.len_q * h.len_k + h.len_k);
-  dispatch(q, bias, [&]<typename scalar_t, typename bias_t>() {
-    auto p = problem_of<scalar_t, bias_t>(q, k, v, out, bias, key_padding_mask, packed, is_causal, scale);
-    p.dout = dout.data_ptr<scalar_t>();
-    p.out = out.data_ptr<scalar_t>();
-    p.lse = lse.data_ptr<float>();
-    set_lse_strides(lse, packed, p.lse_stride);
-    p.q_grad_or_out = dq.data_ptr<scalar_t>();
-    p.k_grad = dk.data_ptr<scalar_t>();
-    p.v_grad = dv.data_ptr<scalar_t>();
-    for_each_balanced(cost, [&](int64_t t, Scratch& scratch) { backward_task(p, heads[t], scratch); });
-  });
+  check_dtypes(q, bias);
+  auto p = problem_of<float, float>(q, k, v, out, bias, key_padding_mask, packed, is_causal, scale);
+  p.dout = dout.data_ptr<float>();
+  p.out = out.data_ptr<float>();
+  p.lse = lse.data_ptr<float>();
+  set_lse_strides(lse, packed, p.lse_stride);
+  p.q_grad_or_out = dq.data_ptr<float>();
+  p.k_grad = dk.data_ptr<float>();
+  p.v_grad = dv.data_ptr<float>();
+  for_each_balanced(cost, [&](int64_t t, Scratch& scratch) { backward_task(p, heads[t], scratch); });
   return {dq, dk, dv};
 }
 
