@@ -213,6 +213,7 @@ void transposed_products(const float* p, int64_t n, const float* x, int64_t ldx,
 struct Scratch {
   std::vector<float> k_panels, v_panels, k_rows, v_rows, key_add, q_tile, do_tile, o_tile, dq_tile, s, dp, dk, dv;
   std::vector<char> block_live;
+  bool padding_inside = false;  // a padded key before the last unpadded one
 };
 
 // Key j of the head: 0 where it may be seen, -inf where it is padding or past the last key. Returns the number
@@ -226,8 +227,12 @@ int64_t prepare_keys(const P& p, const Head& h, Scratch& w) {
   }
   w.key_add.assign(round_up(end, kLanes), -kInf);
   w.block_live.assign((end + kBlock - 1) / kBlock, 0);
+  w.padding_inside = false;
   for (int64_t j = 0; j < end; ++j) {
-    if (pad && pad[j * p.kpm_stride[1]]) continue;
+    if (pad && pad[j * p.kpm_stride[1]]) {
+      w.padding_inside = true;
+      continue;
+    }
     w.key_add[j] = 0.0f;
     w.block_live[j / kBlock] = 1;
   }
@@ -264,18 +269,25 @@ void pack_panels(const float* rows, int64_t count, int64_t dp, int64_t d_size, f
 }
 
 // The block's scores S (kRows x n, scaled by log2(e) through Q) plus the bias (times log2(e)) and the keys'
-// padding, with keys after a row's position removed when causal: -inf wherever a query may not see a key.
+// padding, with keys after a row's position removed when causal: -inf wherever a query may not see a key. With
+// row_max, also each row's largest (in the same pass). keys: the head's keys worth reading (prepare_keys).
 template <typename P>
-void mask_scores(const P& p, const Head& h, const Scratch& w, int64_t i0, int64_t j0, int64_t n, float* s) {
+void mask_scores(const P& p, const Head& h, const Scratch& w, int64_t keys, int64_t i0, int64_t j0, int64_t n,
+                 float* s, float* row_max) {
   const bool causal = p.causal && j0 + n - 1 > i0;
+  const bool key_mask = w.padding_inside || j0 + n > keys;
+  const bool changes = causal || key_mask || p.bias;
+  if (!changes && !row_max) return;
   for (int64_t r = 0; r < kRows; ++r) {
+    __m512 largest = _mm512_set1_ps(-kInf);
     const int64_t i = std::min(i0 + r, h.len_q - 1);  // rows past the head repeat its last row's masks
     const auto* bias_row = p.bias ? p.bias + h.batch * p.bias_stride[0] + h.head * p.bias_stride[1] +
                                         i * p.bias_stride[2]
                                   : nullptr;
     for (int64_t c = 0; c < n; c += kLanes) {
       const int64_t j = j0 + c;
-      __m512 value = _mm512_add_ps(_mm512_loadu_ps(s + r * kBlock + c), _mm512_loadu_ps(w.key_add.data() + j));
+      __m512 value = _mm512_loadu_ps(s + r * kBlock + c);
+      if (key_mask) value = _mm512_add_ps(value, _mm512_loadu_ps(w.key_add.data() + j));
       if (bias_row) {
         __m512 b;
         if (p.bias_stride[3] == 1 && j + kLanes <= h.len_k) {
@@ -290,13 +302,15 @@ void mask_scores(const P& p, const Head& h, const Scratch& w, int64_t i0, int64_
         value = _mm512_fmadd_ps(b, _mm512_set1_ps(kLog2e), value);
       }
       if (causal) {
-        const __m512i keys = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(j)),
-                                              _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-        const __mmask16 after = _mm512_cmpgt_epi32_mask(keys, _mm512_set1_epi32(static_cast<int32_t>(i)));
+        const __m512i key = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(j)),
+                                             _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+        const __mmask16 after = _mm512_cmpgt_epi32_mask(key, _mm512_set1_epi32(static_cast<int32_t>(i)));
         value = _mm512_mask_blend_ps(after, value, _mm512_set1_ps(-kInf));
       }
-      _mm512_storeu_ps(s + r * kBlock + c, value);
+      if (changes) _mm512_storeu_ps(s + r * kBlock + c, value);
+      largest = _mm512_max_ps(largest, value);
     }
+    if (row_max) row_max[r] = _mm512_reduce_max_ps(largest);
   }
 }
 
@@ -337,12 +351,11 @@ void forward_task(const Problem<scalar_t, bias_t>& p, const Head& h, int64_t q0,
       if (!w.block_live[j0 / kBlock]) continue;
       const int64_t n = round_up(std::min(kBlock, seen - j0), kLanes);
       scores(w.q_tile.data(), dp, w.k_panels.data() + j0 * d_size, n / kLanes, d_size, s);
-      mask_scores(p, h, w, i0, j0, n, s);
+      float block_max[kRows];
+      mask_scores(p, h, w, keys_needed, i0, j0, n, s, block_max);
       for (int64_t r = 0; r < kRows; ++r) {
         float* sr = s + r * kBlock;
-        __m512 block_max = _mm512_set1_ps(-kInf);
-        for (int64_t c = 0; c < n; c += kLanes) block_max = _mm512_max_ps(block_max, _mm512_loadu_ps(sr + c));
-        const float new_max = std::max(row_max[r], _mm512_reduce_max_ps(block_max));
+        const float new_max = std::max(row_max[r], block_max[r]);
         const float shift = new_max == -kInf ? 0.0f : new_max;  // a row that has seen no key yet stays at 0
         const __m512 shift16 = _mm512_set1_ps(shift);
         __m512 total = _mm512_setzero_ps();
@@ -416,7 +429,7 @@ void backward_task(const Problem<scalar_t, bias_t>& p, const Head& h, Scratch& w
       if (!w.block_live[j0 / kBlock]) continue;
       const int64_t n = round_up(std::min(kBlock, seen - j0), kLanes);
       scores(w.q_tile.data(), dp, w.k_panels.data() + j0 * d_size, n / kLanes, d_size, s);
-      mask_scores(p, h, w, i0, j0, n, s);
+      mask_scores(p, h, w, keys, i0, j0, n, s, nullptr);
       for (int64_t r = 0; r < kRows; ++r) {
         float* sr = s + r * kBlock;
         const __m512 shift = _mm512_set1_ps(lse2[r]);
