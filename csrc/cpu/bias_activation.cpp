@@ -17,6 +17,7 @@
 #include <string>
 
 #include "../bias_activation.h"
+#include "partials.h"
 #include "simd.h"
 
 namespace fastenc {
@@ -512,20 +513,6 @@ RowArgs row_args(const at::Tensor& x, const at::Tensor& out, const at::Tensor& b
   a.act = parse_activation(activation);
   a.dropout = dropout_p > 0;
   return a;
-}
-
-// Sums the (chunks, n) partials over chunks, in chunk order.
-at::Tensor sum_partials(const at::Tensor& partial) {
-  at::Tensor out = at::zeros({partial.size(1)}, partial.options());
-  AT_DISPATCH_FLOATING_TYPES(partial.scalar_type(), "fastenc_bias_activation_sum_partials", [&] {
-    const scalar_t* p = partial.const_data_ptr<scalar_t>();
-    scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    const int64_t chunks = partial.size(0), n = partial.size(1);
-    for (int64_t c = 0; c < chunks; ++c) {
-      for (int64_t j = 0; j < n; ++j) o[j] += p[c * n + j];
-    }
-  });
-  return out;
 }
 
 }  // namespace

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "../layer_norm.h"
+#include "partials.h"
 #include "simd.h"
 
 namespace fastenc {
@@ -133,29 +134,21 @@ FASTENC_INLINE void backward_row_sums(const scalar_t* __restrict dy, const scala
                                       acc_t* __restrict db, int64_t n, acc_t& sum_g, acc_t& sum_gx) {
   acc_t lane_g[kBackwardLanes] = {};
   acc_t lane_gx[kBackwardLanes] = {};
-  int64_t j = 0;
-  for (; j < n; j += kBackwardLanes) {
+  const auto accumulate = [&](int64_t j, int64_t k) __attribute__((always_inline)) {
+    const acc_t d = static_cast<acc_t>(dy[j + k]);
+    const acc_t xhat = (static_cast<acc_t>(xs[j + k]) - mu) * rs;
+    const acc_t g = kWeight ? d * w[j + k] : d;
+    lane_g[k] += g;
+    lane_gx[k] += g * xhat;
+    if constexpr (kWeight) dw[j + k] += d * xhat;
+    if constexpr (kBias) db[j + k] += d;
+  };
+  for (int64_t j = 0; j < n; j += kBackwardLanes) {
     const int64_t width = std::min(kBackwardLanes, n - j);
-    if (width == kBackwardLanes) {
-      for (int64_t k = 0; k < kBackwardLanes; ++k) {
-        const acc_t d = static_cast<acc_t>(dy[j + k]);
-        const acc_t xhat = (static_cast<acc_t>(xs[j + k]) - mu) * rs;
-        const acc_t g = kWeight ? d * w[j + k] : d;
-        lane_g[k] += g;
-        lane_gx[k] += g * xhat;
-        if constexpr (kWeight) dw[j + k] += d * xhat;
-        if constexpr (kBias) db[j + k] += d;
-      }
+    if (width == kBackwardLanes) {  // a constant trip count: vectorised
+      for (int64_t k = 0; k < kBackwardLanes; ++k) accumulate(j, k);
     } else {
-      for (int64_t k = 0; k < width; ++k) {
-        const acc_t d = static_cast<acc_t>(dy[j + k]);
-        const acc_t xhat = (static_cast<acc_t>(xs[j + k]) - mu) * rs;
-        const acc_t g = kWeight ? d * w[j + k] : d;
-        lane_g[k] += g;
-        lane_gx[k] += g * xhat;
-        if constexpr (kWeight) dw[j + k] += d * xhat;
-        if constexpr (kBias) db[j + k] += d;
-      }
+      for (int64_t k = 0; k < width; ++k) accumulate(j, k);
     }
   }
   sum_g = 0;
@@ -244,20 +237,6 @@ void backward_kernel(const scalar_t* dy, const scalar_t* dsum, const scalar_t* x
                     db_partial ? db_partial + c * n : nullptr, n, c * m / chunks, (c + 1) * m / chunks);
     }
   });
-}
-
-// Sums the (chunks, n) partials over chunks, in chunk order.
-at::Tensor sum_partials(const at::Tensor& partial) {
-  at::Tensor out = at::zeros({partial.size(1)}, partial.options());
-  AT_DISPATCH_FLOATING_TYPES(partial.scalar_type(), "fastenc_layer_norm_sum_partials", [&] {
-    const scalar_t* p = partial.const_data_ptr<scalar_t>();
-    scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    const int64_t chunks = partial.size(0), n = partial.size(1);
-    for (int64_t c = 0; c < chunks; ++c) {
-      for (int64_t j = 0; j < n; ++j) o[j] += p[c * n + j];
-    }
-  });
-  return out;
 }
 
 at::ScalarType stat_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
