@@ -98,9 +98,10 @@ def extension():
     cpp_sources = ["csrc/fastenc.cpp", "csrc/lstm.cpp", "csrc/cpu/attention.cpp", "csrc/cpu/bias_activation.cpp",
                    "csrc/cpu/layer_norm.cpp", "csrc/cpu/lstm.cpp"]
     # C++20 for std::bit_cast / std::span (csrc/cpu); torch's cpp_extension would otherwise pick its own default,
-    # which is C++17 up to torch 2.13. at::parallel_for is inline OpenMP code: without -fopenmp it would run every
-    # loop on one thread. (libgomp is the one torch itself loads.)
-    cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
+    # which is C++17 up to torch 2.13. The ISO modes turn off fused multiply-add contraction, which the vectorised
+    # polynomials (erfc, exp, tanh) rely on: -ffp-contract=fast brings it back. at::parallel_for is inline OpenMP
+    # code: without -fopenmp it would run every loop on one thread. (libgomp is the one torch itself loads.)
+    cxx_flags = ["-O3", "-std=c++20", "-ffp-contract=fast", "-fopenmp"]
     link_flags = ["-fopenmp"]
     depends = glob.glob(os.path.join("csrc", "**", "*.h"), recursive=True)
     if not want_cuda():

@@ -112,3 +112,46 @@ def test_info_command():
     report = fastenc.info(file=None)
     if report["extension"]["built"]:
         assert isinstance(report["extension"]["cuda_archs"], list)
+
+
+def _ran(op):
+    return backends.last_used()[op]
+
+
+@pytest.mark.skipif("native" not in fastenc.available_backends(), reason="needs the built extension")
+def test_auto_runs_what_takes_the_inputs_and_the_numbers_are_right():
+    """"auto" walks the op's order and takes the first backend that takes these inputs: a float64 attention (the
+    native kernel is float32 only) runs torch's op, a LayerNorm follows the measured order for training and for
+    inference; each gives the reference's numbers."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 9, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    out = fastenc.functional.attention(q, k, v, is_causal=True)
+    assert _ran("attention") == "torch"
+    with fastenc.backend("reference"):
+        torch.testing.assert_close(out, fastenc.functional.attention(q, k, v, is_causal=True))
+    fastenc.functional.attention(q.float(), k.float(), v.float())
+    probe = (q.float(), k.float(), v.float(), None, None, None, None, 9, 9, False, 1.0, 0.0, None)
+    expected = "native" if backends.input_reason("attention", "native", *probe) is None else "torch"
+    assert _ran("attention") == expected
+
+    x = torch.randn(5, 12, generator=g)
+    fastenc.functional.layer_norm(x, (12,))
+    assert _ran("layer_norm") == "native"
+    y = fastenc.functional.layer_norm(x.requires_grad_(), (12,))
+    assert _ran("layer_norm") == "torch"
+    with fastenc.backend("reference"):
+        torch.testing.assert_close(y, fastenc.functional.layer_norm(x, (12,)))
+
+
+def test_a_backend_named_for_inputs_it_does_not_take_raises_naming_why():
+    backends.register("test_only_picky", {"reference": "fastenc.reference.layer_norm",
+                                          "native": "fastenc._C"},
+                      supports={"native": lambda x: "it takes no odd widths" if x.shape[-1] % 2 else None})
+    if "native" not in fastenc.available_backends():
+        pytest.skip("needs the built extension")
+    assert backends.select("test_only_picky", "cpu", torch.empty(2, 3)) == "reference"  # auto: the next one
+    with fastenc.backend("native"):
+        assert backends.select("test_only_picky", "cpu", torch.empty(2, 4)) == "native"
+        with pytest.raises(ValueError, match="backend 'native' cannot run op 'test_only_picky' on these inputs: it "
+                                             "takes no odd widths"):
+            backends.select("test_only_picky", "cpu", torch.empty(2, 3))
