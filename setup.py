@@ -131,7 +131,7 @@ setup(
     name="fastenc",
     version=read_version(),
     packages=find_packages(include=["fastenc", "fastenc.*"]) + ["fastenc.kernels"],
-    # kernels/ is installed as fastenc.kernels, never as a top-level `kernels` (see ARCHITECTURE.md).
+    # kernels/ is installed as fastenc.kernels, never as a top-level `kernels`.
     package_dir={"fastenc.kernels": "kernels"},
     package_data={"fastenc.finetune": ["data/*.jsonl", "data/README.md", "data/generate.py"]},
     ext_modules=[extension()],

@@ -159,7 +159,7 @@ def _layer_norm_torch(t: dict) -> Tensor:
 
 
 def _layer_norm_work(params: dict, dtype: torch.dtype, mode: str) -> Work:
-    """The least traffic a fused kernel can have (BENCHMARKING.md).
+    """The least traffic a fused kernel can have.
 
     fwd:     read x, residual, weight, bias; write y.
     fwd+bwd: the forward above, plus writing the sum x + residual and mean / rstd (float32) that the backward
@@ -229,7 +229,7 @@ SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "M
 
 
 def _attention_work(params: dict, dtype: torch.dtype, mode: str) -> Work:
-    """4·B·H·S²·D FLOPs forward (two matrix products); the backward is 2.5× that (BENCHMARKING.md)."""
+    """4·B·H·S²·D FLOPs forward (two matrix products); the backward is 2.5× that."""
     forward = 4 * params["B"] * params["H"] * params["S"] ** 2 * params["D"]
     return Work(flops=forward if mode == FWD else int(3.5 * forward))
 
@@ -488,7 +488,7 @@ def _encoder_work(params: dict, dtype: torch.dtype, mode: str) -> Work:
 
     Per layer forward, with T = ΣLᵢ tokens and 2 FLOPs per multiply-add: the Q, K, V and output projections
     4·2·T·d² = 8·T·d², the feed-forward pair 2·2·T·d·ff = 4·T·d·ff, and attention 4·d·ΣLᵢ² (QKᵀ and PV over all
-    heads). fwd+bwd adds the backward: twice the GEMMs, 2.5× the attention (BENCHMARKING.md). LayerNorm, bias,
+    heads). fwd+bwd adds the backward: twice the GEMMs, 2.5× the attention. LayerNorm, bias,
     GELU and softmax are not counted.
     """
     lengths = _encoder_tokens(params)

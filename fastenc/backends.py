@@ -42,27 +42,20 @@ AUTO_ORDER = {
 }
 
 Supports = Callable[..., "str | None"]
-# (device type, training, *the op's inputs) -> the op's auto order there, where its measurements differ from
-# AUTO_ORDER's (e.g. a kernel of ours that wins the forward and loses the backward).
-Order = Callable[..., "tuple[str, ...]"]
 _implementations: dict[str, dict[str, str]] = {}
 _supports: dict[str, dict[str, Supports]] = {}
-_orders: dict[str, Order] = {}
 _last_used: dict[str, str] = {}
 # set_backend() sets the process-wide choice; `with backend(...)` overrides it in the current thread / task.
 _global_choice = AUTO
 _scoped_choice: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastenc_backend", default=None)
 
 
-def register(op: str, modules: dict[str, str], supports: dict[str, Supports] | None = None,
-             auto_order: Order | None = None) -> None:
+def register(op: str, modules: dict[str, str], supports: dict[str, Supports] | None = None) -> None:
     """Name, per backend, the module that implements `op`; the reference is required (it is the fallback).
 
     supports: per backend, a function of the op's inputs returning None when that backend takes them, else the
     reason it does not. It runs on every call (and is traced by torch.compile): tensor metadata only. A backend
     without an entry takes every input of the devices it runs.
-    auto_order: the order "auto" tries for `op`, as a function of (device type, training, *inputs); AUTO_ORDER's
-    by default.
     """
     unknown = set(modules) - set(BACKENDS)
     if unknown or "reference" not in modules or not set(supports or {}) <= set(modules) - {"reference"}:
@@ -70,8 +63,6 @@ def register(op: str, modules: dict[str, str], supports: dict[str, Supports] | N
                          f"every input), got {sorted(modules)} and supports for {sorted(supports or {})}")
     _implementations[op] = dict(modules)
     _supports[op] = dict(supports or {})
-    if auto_order is not None:
-        _orders[op] = auto_order
 
 
 def implemented(op: str) -> list[str]:
@@ -184,9 +175,9 @@ def input_reason(op: str, backend: str, *inputs) -> str | None:
     return None if supports is None else supports(*inputs)
 
 
-def select(op: str, device_type: str, *inputs, training: bool = False) -> str:
+def select(op: str, device_type: str, *inputs) -> str:
     """The backend that runs `op` on `inputs` (the op's arguments before the backend name, on `device_type`
-    tensors) under the current choice; training: whether a backward will run.
+    tensors) under the current choice.
 
     "auto" takes the first backend of AUTO_ORDER that can run here, implements the op and supports the inputs. A
     backend chosen by name that cannot take them raises, naming why; one without this op runs the reference.
@@ -197,8 +188,7 @@ def select(op: str, device_type: str, *inputs, training: bool = False) -> str:
     impls = _implementations[op]
     chosen = get_backend()
     if chosen == AUTO:
-        order = _orders[op](device_type, training, *inputs) if op in _orders else None
-        for name in order or AUTO_ORDER.get(device_type, ("reference",)):
+        for name in AUTO_ORDER.get(device_type, ("reference",)):
             if (name in impls and unavailable_reason(name) is None and device_reason(name, device_type) is None
                     and input_reason(op, name, *inputs) is None):
                 return name

@@ -21,11 +21,6 @@ ACTIVATIONS = ("relu", "gelu", "gelu_tanh")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _training(*tensors: Tensor | None) -> bool:
-    """Whether autograd will want a backward of an op on these inputs."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def _check_like(name: str, t: Tensor | None, ref: Tensor, shape: Sequence[int], dtypes: Sequence[torch.dtype]) -> None:
     """Raise an error naming `name` unless `t` has `shape`, ref's device and one of `dtypes` (any, if empty)."""
     if t is None:
@@ -81,7 +76,9 @@ def layer_norm(
 
     width = math.prod(shape)
     rows = input.reshape(-1, width)
-    wants_grad = _training(input, residual, weight, bias)
+    wants_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (input, residual, weight, bias)
+    )
     store_sum = residual is not None and (return_residual or wants_grad)
     args = (
         rows,
@@ -91,8 +88,7 @@ def layer_norm(
         float(eps),
         store_sum,
     )
-    backend = backends.select("layer_norm", input.device.type, *args, training=wants_grad)
-    y, summed, _, _ = torch.ops.fastenc.layer_norm(*args, backend)
+    y, summed, _, _ = torch.ops.fastenc.layer_norm(*args, backends.select("layer_norm", input.device.type, *args))
     y = y.view(input.shape)
     if not return_residual:
         return y
@@ -184,8 +180,7 @@ def attention(
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     args = (q, k, v, bias, key_padding_mask, None, None, s_q, s_k, bool(is_causal), scale, float(dropout_p),
             _dropout_seed(dropout_p))
-    backend = backends.select("attention", q.device.type, *args, training=_training(q, k, v))
-    out, _ = torch.ops.fastenc.attention(*args, backend)
+    out, _ = torch.ops.fastenc.attention(*args, backends.select("attention", q.device.type, *args))
     return out
 
 
@@ -237,8 +232,7 @@ def attention_varlen(
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     args = (q, k, v, None, None, cu_q, cu_k, max_seqlen_q, max_seqlen_k, bool(is_causal), scale, float(dropout_p),
             _dropout_seed(dropout_p))
-    backend = backends.select("attention", q.device.type, *args, training=_training(q, k, v))
-    out, _ = torch.ops.fastenc.attention(*args, backend)
+    out, _ = torch.ops.fastenc.attention(*args, backends.select("attention", q.device.type, *args))
     return out
 
 
@@ -255,8 +249,7 @@ def bias_activation(input: Tensor, bias: Tensor | None, activation: str = "relu"
     lowp = (torch.float32,) if input.dtype in (torch.float16, torch.bfloat16) else ()
     _check_like("bias", bias, input, (width,), (input.dtype, *lowp))
     args = (input.reshape(-1, width), bias, activation, float(dropout_p), _dropout_seed(dropout_p))
-    backend = backends.select("bias_activation", input.device.type, *args, training=_training(input, bias))
-    y = torch.ops.fastenc.bias_activation(*args, backend)
+    y = torch.ops.fastenc.bias_activation(*args, backends.select("bias_activation", input.device.type, *args))
     return y.view(input.shape)
 
 
@@ -329,6 +322,5 @@ def lstm_layer(
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (
         input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr))
     args = (input, h0, c0, weight_ih, weight_hh, bias, weight_hr, batch_sizes, bool(reverse), save)
-    out, h_n, c_n, *_ = torch.ops.fastenc.lstm_layer(*args, backends.select("lstm", input.device.type, *args,
-                                                                            training=save))
+    out, h_n, c_n, *_ = torch.ops.fastenc.lstm_layer(*args, backends.select("lstm", input.device.type, *args))
     return out, h_n, c_n

@@ -21,20 +21,11 @@ def _native_supports(x, *_) -> str | None:
     return "fastenc._C's bias_activation runs CPU tensors" if x.device.type != "cpu" else None
 
 
-def _auto_order(device_type, training, x, bias, activation, dropout_p, dropout_seed) -> tuple[str, ...] | None:
-    # On CPU the native kernel wins forward + backward (one pass each way) but not the forward alone, where torch's
-    # add and its GELU's erf are cheaper than our erfc (bench/results): inference without dropout runs torch's.
-    if device_type == "cpu" and not training and dropout_p == 0:
-        return ("torch", "native", "reference")
-    return None
-
-
 backends.register(
     "bias_activation",
     {"reference": "fastenc.reference.bias_activation", "torch": "fastenc.torch_ops.bias_activation",
      "triton": "fastenc.kernels.bias_activation", "native": "fastenc._C"},
     supports={"native": _native_supports},
-    auto_order=_auto_order,
 )
 
 

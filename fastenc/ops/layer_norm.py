@@ -31,17 +31,11 @@ def _triton_supports(x, *_) -> str | None:
     return None
 
 
-def _auto_order(device_type, training, *_) -> tuple[str, ...] | None:
-    # On CPU the native forward beats torch's (bench/results), its backward does not yet: training runs torch's.
-    return ("torch", "native", "reference") if device_type == "cpu" and training else None
-
-
 backends.register(
     "layer_norm",
     {"reference": "fastenc.reference.layer_norm", "torch": "fastenc.torch_ops.layer_norm",
      "triton": "fastenc.kernels.layer_norm", "native": "fastenc._C"},
     supports={"triton": _triton_supports},
-    auto_order=_auto_order,
 )
 
 
