@@ -48,13 +48,12 @@ struct Head {
 };
 
 // The inputs' layout, shared by every task of a call.
-template <typename scalar_t, typename bias_t>
 struct Problem {
-  const scalar_t *q, *k, *v, *dout, *out;
+  const float *q, *k, *v, *dout, *out;
   const float* lse;
-  scalar_t *q_grad_or_out, *k_grad, *v_grad;
+  float *q_grad_or_out, *k_grad, *v_grad;
   float* lse_out;
-  const bias_t* bias;
+  const float* bias;
   const bool* key_padding;
   int64_t bias_stride[4], kpm_stride[2];
   int64_t row_stride[4][3];  // q, k, v, out (and their gradients): [batch or token][head][row]
@@ -67,8 +66,7 @@ struct Problem {
 enum Operand { kQ = 0, kK = 1, kV = 2, kO = 3 };
 
 // Element (row, d) of operand `which` of head `h` is at base + row * stride + d.
-template <typename P>
-int64_t head_base(const P& p, Operand which, const Head& h, int64_t* stride) {
+int64_t head_base(const Problem& p, Operand which, const Head& h, int64_t* stride) {
   const auto& s = p.row_stride[which];
   if (p.packed) {
     *stride = s[0];
@@ -218,8 +216,7 @@ struct Scratch {
 
 // Key j of the head: 0 where it may be seen, -inf where it is padding or past the last key. Returns the number
 // of keys worth bringing in (past the last unpadded key, all are -inf) and marks the blocks with a live key.
-template <typename P>
-int64_t prepare_keys(const P& p, const Head& h, Scratch& w) {
+int64_t prepare_keys(const Problem& p, const Head& h, Scratch& w) {
   int64_t end = h.len_k;
   const bool* pad = p.key_padding ? p.key_padding + h.batch * p.kpm_stride[0] : nullptr;
   if (pad) {
@@ -241,8 +238,7 @@ int64_t prepare_keys(const P& p, const Head& h, Scratch& w) {
 
 // `count` rows from row `first` of a head's operand (row stride `stride`) into float32 rows of dp floats, times
 // mul; zero past the head's n rows and past d_size.
-template <typename scalar_t>
-void load_rows(const scalar_t* src, int64_t stride, int64_t first, int64_t count, int64_t n, int64_t d_size,
+void load_rows(const float* src, int64_t stride, int64_t first, int64_t count, int64_t n, int64_t d_size,
                int64_t dp, float mul, float* dst) {
   for (int64_t r = 0; r < count; ++r) {
     float* row = dst + r * dp;
@@ -251,8 +247,8 @@ void load_rows(const scalar_t* src, int64_t stride, int64_t first, int64_t count
       std::fill(row, row + dp, 0.0f);
       continue;
     }
-    const scalar_t* from = src + i * stride;
-    for (int64_t d = 0; d < d_size; ++d) row[d] = static_cast<float>(from[d]) * mul;
+    const float* from = src + i * stride;
+    for (int64_t d = 0; d < d_size; ++d) row[d] = from[d] * mul;
     std::fill(row + d_size, row + dp, 0.0f);
   }
 }
@@ -271,8 +267,7 @@ void pack_panels(const float* rows, int64_t count, int64_t dp, int64_t d_size, f
 // The block's scores S (kRows x n, scaled by log2(e) through Q) plus the bias (times log2(e)) and the keys'
 // padding, with keys after a row's position removed when causal: -inf wherever a query may not see a key. With
 // row_max, also each row's largest (in the same pass). keys: the head's keys worth reading (prepare_keys).
-template <typename P>
-void mask_scores(const P& p, const Head& h, const Scratch& w, int64_t keys, int64_t i0, int64_t j0, int64_t n,
+void mask_scores(const Problem& p, const Head& h, const Scratch& w, int64_t keys, int64_t i0, int64_t j0, int64_t n,
                  float* s, float* row_max) {
   const bool causal = p.causal && j0 + n - 1 > i0;
   const bool key_mask = w.padding_inside || j0 + n > keys;
@@ -295,7 +290,7 @@ void mask_scores(const P& p, const Head& h, const Scratch& w, int64_t keys, int6
         } else {
           alignas(64) float lanes[kLanes];
           for (int64_t l = 0; l < kLanes; ++l) {
-            lanes[l] = j + l < h.len_k ? static_cast<float>(bias_row[(j + l) * p.bias_stride[3]]) : 0.0f;
+            lanes[l] = j + l < h.len_k ? bias_row[(j + l) * p.bias_stride[3]] : 0.0f;
           }
           b = _mm512_load_ps(lanes);
         }
@@ -315,13 +310,11 @@ void mask_scores(const P& p, const Head& h, const Scratch& w, int64_t keys, int6
 }
 
 // The keys rows [i0, i0 + kRows) may see: [0, end), fewer under a causal mask.
-template <typename P>
-int64_t keys_seen(const P& p, int64_t keys, int64_t i0) {
+int64_t keys_seen(const Problem& p, int64_t keys, int64_t i0) {
   return p.causal ? std::min(keys, i0 + kRows) : keys;
 }
 
-template <typename scalar_t, typename bias_t>
-void forward_task(const Problem<scalar_t, bias_t>& p, const Head& h, int64_t q0, int64_t q1, Scratch& w) {
+void forward_task(const Problem& p, const Head& h, int64_t q0, int64_t q1, Scratch& w) {
   const int64_t d_size = p.head_dim, dp = round_up(d_size, kLanes);
   const int64_t keys = prepare_keys(p, h, w);
   const int64_t keys_needed = p.causal ? std::min(keys, q1) : keys;
@@ -378,16 +371,15 @@ void forward_task(const Problem<scalar_t, bias_t>& p, const Head& h, int64_t q0,
     }
     for (int64_t r = 0; r < kRows && i0 + r < h.len_q; ++r) {
       const float inverse = row_sum[r] > 0.0f ? 1.0f / row_sum[r] : 0.0f;
-      scalar_t* out = p.q_grad_or_out + ob + (i0 + r) * os;
+      float* out = p.q_grad_or_out + ob + (i0 + r) * os;
       const float* o = w.o_tile.data() + r * dp;
-      for (int64_t d = 0; d < d_size; ++d) out[d] = static_cast<scalar_t>(o[d] * inverse);
+      for (int64_t d = 0; d < d_size; ++d) out[d] = o[d] * inverse;
       lse[(i0 + r) * p.lse_stride[2]] = row_sum[r] > 0.0f ? (row_max[r] + std::log2(row_sum[r])) * kLn2 : kInf;
     }
   }
 }
 
-template <typename scalar_t, typename bias_t>
-void backward_task(const Problem<scalar_t, bias_t>& p, const Head& h, Scratch& w) {
+void backward_task(const Problem& p, const Head& h, Scratch& w) {
   const int64_t d_size = p.head_dim, dp = round_up(d_size, kLanes);
   const int64_t keys = prepare_keys(p, h, w);
   const int64_t padded = round_up(keys, kLanes);
@@ -442,24 +434,25 @@ void backward_task(const Problem<scalar_t, bias_t>& p, const Head& h, Scratch& w
       for (int64_t r = 0; r < kRows; ++r) {
         const __m512 dr = _mm512_set1_ps(delta[r]);
         for (int64_t c = 0; c < n; c += kLanes) {
+          float* ds = dps + r * kBlock + c;  // dS = P (dP - delta), in place of dP
           const __m512 pr = _mm512_loadu_ps(s + r * kBlock + c);
-          _mm512_storeu_ps(dps + r * kBlock + c, _mm512_mul_ps(pr, _mm512_sub_ps(_mm512_loadu_ps(dps + r * kBlock + c), dr)));
+          _mm512_storeu_ps(ds, _mm512_mul_ps(pr, _mm512_sub_ps(_mm512_loadu_ps(ds), dr)));
         }
       }
       products(dps, n, w.k_rows.data() + j0 * dp, dp, w.dq_tile.data(), dp, dp);
       transposed_products(dps, n, w.q_tile.data(), dp, w.dk.data() + j0 * dp, dp, dp);
     }
     for (int64_t r = 0; r < kRows && i0 + r < h.len_q; ++r) {
-      scalar_t* dq = p.q_grad_or_out + qb + (i0 + r) * qs;
-      for (int64_t d = 0; d < d_size; ++d) dq[d] = static_cast<scalar_t>(w.dq_tile[r * dp + d] * p.scale);
+      float* dq = p.q_grad_or_out + qb + (i0 + r) * qs;
+      for (int64_t d = 0; d < d_size; ++d) dq[d] = w.dq_tile[r * dp + d] * p.scale;
     }
   }
   for (int64_t j = 0; j < h.len_k; ++j) {
-    scalar_t* dk = p.k_grad + kb + j * ks;
-    scalar_t* dv = p.v_grad + vb + j * vs;
+    float* dk = p.k_grad + kb + j * ks;
+    float* dv = p.v_grad + vb + j * vs;
     for (int64_t d = 0; d < d_size; ++d) {
-      dk[d] = static_cast<scalar_t>(j < keys ? w.dk[j * dp + d] * kLn2 : 0.0f);
-      dv[d] = static_cast<scalar_t>(j < keys ? w.dv[j * dp + d] : 0.0f);
+      dk[d] = j < keys ? w.dk[j * dp + d] * kLn2 : 0.0f;
+      dv[d] = j < keys ? w.dv[j * dp + d] : 0.0f;
     }
   }
 }
@@ -509,21 +502,20 @@ std::vector<Head> heads_of(const at::Tensor& q, const at::Tensor& k, const std::
   return heads;
 }
 
-template <typename scalar_t, typename bias_t>
-Problem<scalar_t, bias_t> problem_of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+Problem problem_of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                      const at::Tensor& o, const std::optional<at::Tensor>& bias,
                                      const std::optional<at::Tensor>& key_padding_mask, bool packed, bool is_causal,
                                      double scale) {
-  Problem<scalar_t, bias_t> p{};
-  p.q = q.data_ptr<scalar_t>();
-  p.k = k.data_ptr<scalar_t>();
-  p.v = v.data_ptr<scalar_t>();
+  Problem p{};
+  p.q = q.data_ptr<float>();
+  p.k = k.data_ptr<float>();
+  p.v = v.data_ptr<float>();
   const at::Tensor* operands[4] = {&q, &k, &v, &o};
   for (int which = 0; which < 4; ++which) {
     for (int d = 0; d < 3; ++d) p.row_stride[which][d] = operands[which]->stride(d);
   }
   if (bias.has_value()) {
-    p.bias = bias->data_ptr<bias_t>();
+    p.bias = bias->data_ptr<float>();
     for (int d = 0; d < 4; ++d) p.bias_stride[d] = bias->stride(d);
   }
   if (key_padding_mask.has_value()) {
@@ -595,7 +587,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
     }
   }
   check_dtypes(q, bias);
-  auto p = problem_of<float, float>(q, k, v, out, bias, key_padding_mask, packed, is_causal, scale);
+  auto p = problem_of(q, k, v, out, bias, key_padding_mask, packed, is_causal, scale);
   p.q_grad_or_out = out.data_ptr<float>();
   p.lse_out = lse.data_ptr<float>();
   set_lse_strides(lse, packed, p.lse_stride);
@@ -621,7 +613,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
   std::vector<int64_t> cost;
   for (const auto& h : heads) cost.push_back(h.len_q * h.len_k + h.len_k);
   check_dtypes(q, bias);
-  auto p = problem_of<float, float>(q, k, v, out, bias, key_padding_mask, packed, is_causal, scale);
+  auto p = problem_of(q, k, v, out, bias, key_padding_mask, packed, is_causal, scale);
   p.dout = dout.data_ptr<float>();
   p.out = out.data_ptr<float>();
   p.lse = lse.data_ptr<float>();
