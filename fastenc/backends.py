@@ -33,9 +33,9 @@ BACKENDS = ("reference", "torch", "triton", "native")
 AUTO = "auto"
 
 # "auto" tries these in order, per device type, and takes the first backend that implements the op and supports
-# the inputs. The order comes from the benchmarks (bench/results/): fastenc's kernels where they beat torch, then
-# torch's own op, then the reference (which takes anything, slowly). The Triton interpreter is a test vehicle,
-# never a CPU default. On CUDA, Triton before the CUDA C++ kernels.
+# the inputs: fastenc's kernels, then torch's own op, then the reference (which takes anything, slowly). Where a
+# kernel of ours is not yet faster than torch's op, bench/results/ says so. The Triton interpreter is a test
+# vehicle, never a CPU default. On CUDA, Triton before the CUDA C++ kernels.
 AUTO_ORDER = {
     "cuda": ("triton", "native", "torch", "reference"),
     "cpu": ("native", "torch", "reference"),
