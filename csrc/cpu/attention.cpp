@@ -132,79 +132,56 @@ void scores(const float* x, int64_t ldx, const float* panels, int64_t count, int
   if (c < count) scores_tile<1>(x, ldx, panels + c * d_size * kLanes, d_size, s + c * kLanes);
 }
 
-// O[kRows][dp] += P[kRows][n] (row stride kBlock) times Y[n][dp] (row stride ldy), in kRows x (VECS x 16) tiles.
-template <int VECS>
-FASTENC_INLINE void products_tile(const float* p, int64_t n, const float* y, int64_t ldy, float* o, int64_t ldo) {
+// Z[kRows][dp] += A (kRows x steps, element (i, t) at a[i * A_ROW + t * A_STEP]) times B[steps][dp] (row stride
+// ldb), in kRows x (VECS x 16) register tiles. O += P V and dQ += dS K take A = P or dS (rows: queries, steps:
+// keys); dV += P^T dO and dK += dS^T Q take their transposes (rows: 8 keys, steps: the tile's queries). A's
+// strides are constants, so its addresses are as cheap as in a kernel written for one layout.
+template <int VECS, int64_t A_ROW, int64_t A_STEP>
+FASTENC_INLINE void accumulate_tile(const float* a, int64_t steps, const float* b, int64_t ldb, float* z,
+                                    int64_t ldz) {
   __m512 acc[kRows][VECS];
 #pragma GCC unroll 8
   for (int r = 0; r < kRows; ++r) {
 #pragma GCC unroll 3
-    for (int c = 0; c < VECS; ++c) acc[r][c] = _mm512_loadu_ps(o + r * ldo + c * kLanes);
+    for (int c = 0; c < VECS; ++c) acc[r][c] = _mm512_loadu_ps(z + r * ldz + c * kLanes);
   }
-  for (int64_t j = 0; j < n; ++j) {
+  for (int64_t t = 0; t < steps; ++t) {
     __m512 row[VECS];
 #pragma GCC unroll 3
-    for (int c = 0; c < VECS; ++c) row[c] = _mm512_loadu_ps(y + j * ldy + c * kLanes);
+    for (int c = 0; c < VECS; ++c) row[c] = _mm512_loadu_ps(b + t * ldb + c * kLanes);
 #pragma GCC unroll 8
     for (int r = 0; r < kRows; ++r) {
-      const __m512 pr = _mm512_set1_ps(p[r * kBlock + j]);
+      const __m512 ar = _mm512_set1_ps(a[r * A_ROW + t * A_STEP]);
 #pragma GCC unroll 3
-      for (int c = 0; c < VECS; ++c) acc[r][c] = _mm512_fmadd_ps(pr, row[c], acc[r][c]);
+      for (int c = 0; c < VECS; ++c) acc[r][c] = _mm512_fmadd_ps(ar, row[c], acc[r][c]);
     }
   }
 #pragma GCC unroll 8
   for (int r = 0; r < kRows; ++r) {
 #pragma GCC unroll 3
-    for (int c = 0; c < VECS; ++c) _mm512_storeu_ps(o + r * ldo + c * kLanes, acc[r][c]);
+    for (int c = 0; c < VECS; ++c) _mm512_storeu_ps(z + r * ldz + c * kLanes, acc[r][c]);
   }
 }
 
-void products(const float* p, int64_t n, const float* y, int64_t ldy, float* o, int64_t ldo, int64_t dp) {
+// accumulate_tile over the dp columns, 48 at a time.
+template <int64_t A_ROW, int64_t A_STEP>
+void accumulate(const float* a, int64_t steps, const float* b, int64_t ldb, float* z, int64_t ldz, int64_t dp) {
   int64_t c = 0;
-  for (; c + 3 * kLanes <= dp; c += 3 * kLanes) products_tile<3>(p, n, y + c, ldy, o + c, ldo);
-  if (c + 2 * kLanes <= dp) products_tile<2>(p, n, y + c, ldy, o + c, ldo), c += 2 * kLanes;
-  if (c < dp) products_tile<1>(p, n, y + c, ldy, o + c, ldo);
+  for (; c + 3 * kLanes <= dp; c += 3 * kLanes) accumulate_tile<3, A_ROW, A_STEP>(a, steps, b + c, ldb, z + c, ldz);
+  if (c + 2 * kLanes <= dp) accumulate_tile<2, A_ROW, A_STEP>(a, steps, b + c, ldb, z + c, ldz), c += 2 * kLanes;
+  if (c < dp) accumulate_tile<1, A_ROW, A_STEP>(a, steps, b + c, ldb, z + c, ldz);
 }
 
-// Z[n][dp] += P[kRows][n]^T (P's row stride kBlock) times X[kRows][dp] (row stride ldx): 8 keys x (VECS x 16)
-// tiles. n is a multiple of 16 (P is zero past the block's keys).
-template <int VECS>
-FASTENC_INLINE void transposed_products_tile(const float* p, const float* x, int64_t ldx, float* z, int64_t ldz) {
-  constexpr int kKeys = 8;
-  __m512 acc[kKeys][VECS];
-#pragma GCC unroll 8
-  for (int j = 0; j < kKeys; ++j) {
-#pragma GCC unroll 3
-    for (int c = 0; c < VECS; ++c) acc[j][c] = _mm512_loadu_ps(z + j * ldz + c * kLanes);
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < kRows; ++r) {
-    __m512 row[VECS];
-#pragma GCC unroll 3
-    for (int c = 0; c < VECS; ++c) row[c] = _mm512_loadu_ps(x + r * ldx + c * kLanes);
-#pragma GCC unroll 8
-    for (int j = 0; j < kKeys; ++j) {
-      const __m512 pj = _mm512_set1_ps(p[r * kBlock + j]);
-#pragma GCC unroll 3
-      for (int c = 0; c < VECS; ++c) acc[j][c] = _mm512_fmadd_ps(pj, row[c], acc[j][c]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int j = 0; j < kKeys; ++j) {
-#pragma GCC unroll 3
-    for (int c = 0; c < VECS; ++c) _mm512_storeu_ps(z + j * ldz + c * kLanes, acc[j][c]);
-  }
+// O[kRows][dp] += P[kRows][n] (row stride kBlock) times Y[n][dp] (row stride ldy).
+void products(const float* p, int64_t n, const float* y, int64_t ldy, float* o, int64_t ldo, int64_t dp) {
+  accumulate<kBlock, 1>(p, n, y, ldy, o, ldo, dp);
 }
 
+// Z[n][dp] += P[kRows][n]^T (P's row stride kBlock) times X[kRows][dp] (row stride ldx), kRows keys at a time;
+// n is a multiple of 16 (P is zero past the block's keys).
 void transposed_products(const float* p, int64_t n, const float* x, int64_t ldx, float* z, int64_t ldz,
                          int64_t dp) {
-  for (int64_t j = 0; j < n; j += 8) {
-    int64_t c = 0;
-    for (; c + 2 * kLanes <= dp; c += 2 * kLanes) {
-      transposed_products_tile<2>(p + j, x + c, ldx, z + j * ldz + c, ldz);
-    }
-    if (c < dp) transposed_products_tile<1>(p + j, x + c, ldx, z + j * ldz + c, ldz);
-  }
+  for (int64_t j = 0; j < n; j += kRows) accumulate<1, kBlock>(p + j, kRows, x, ldx, z + j * ldz, ldz, dp);
 }
 
 // A task's float32 copies of its head's operands, reused from task to task of a thread.

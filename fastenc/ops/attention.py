@@ -51,8 +51,7 @@ def _native_supports(q, k, v, bias, key_padding_mask, cu_seqlens_q, cu_seqlens_k
     return None
 
 
-def _torch_supports(q, k, v, bias, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                    is_causal, scale, dropout_p, dropout_seed) -> str | None:
+def _torch_supports(q, *_) -> str | None:
     return "torch's attention backend is its CPU flash kernel" if q.device.type != "cpu" else None
 
 
