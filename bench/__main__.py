@@ -3,6 +3,8 @@
   python -m bench                           every op, the device's default shapes and dtypes
   python -m bench --op layer_norm --dtype fp16,fp32
   python -m bench --quick --out /tmp/q.json a few tiny cases with short timing (CI)
+  python -m bench --headline --budget 150   the GPU target shapes, starting no case after 150 s
+  python -m bench --estimate --headline     what the GPU cases should take on an H200 (runs nothing)
   python -m bench --compare OLD.json NEW.json [--threshold 0.1] [--fail-on-regression]
 """
 
@@ -25,6 +27,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--op", action="append", help="op(s) to run (repeatable or a comma list); default: all")
     p.add_argument("--dtype", action="append", help="dtype(s), e.g. bf16,fp16,fp32; default: per device")
     p.add_argument("--quick", action="store_true", help="a few tiny cases, short timing, no torch.compile")
+    p.add_argument("--headline", action="store_true", help="on CUDA, only the shapes the GPU targets name")
+    p.add_argument("--budget", type=float, metavar="SECONDS",
+                   help="start no case after this many seconds (the rest are listed as skipped)")
     p.add_argument("--compile", dest="compile", action="store_true", default=None,
                    help="include torch.compile even in quick mode")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="leave torch.compile out")
@@ -33,12 +38,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, help="interleaved timing rounds per case (default 3; 1 with --quick)")
     p.add_argument("--out", type=Path, help="results file (default: bench/results/<device>-<date>.json)")
     p.add_argument("--no-plot", action="store_true", help="write no PNG")
+    p.add_argument("--one-plot", action="store_true", help="one PNG holding every op (default: one per op)")
     p.add_argument("--markdown", action="store_true", help="print the table as markdown")
     p.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"), type=Path,
                    help="compare two results files instead of running")
     p.add_argument("--threshold", type=float, default=0.10, help="regression threshold for --compare (0.10 = 10%%)")
     p.add_argument("--fail-on-regression", action="store_true", help="--compare exits 1 when a case regressed")
     p.add_argument("--list", action="store_true", help="list the cases that would run, and exit")
+    p.add_argument("--estimate", action="store_true",
+                   help="print the expected H200 time of each CUDA case (bench/estimates.py), and exit")
     return p.parse_args(argv)
 
 
@@ -56,13 +64,19 @@ def main(argv: list[str] | None = None) -> int:
 
     dtypes = [cases.parse_dtype(d) for d in _comma_list(args.dtype) or []] or None
     ops = _comma_list(args.op)
+    if args.estimate:
+        from bench import estimates
+
+        selected = cases.cases_for("cuda", headline=args.headline, ops=ops, dtypes=dtypes)
+        print("\n".join(estimates.estimate_lines(selected)))
+        return 0
     device = runner.pick_device(args.device)
     if args.list:
-        for case in cases.cases_for(device.type, quick=args.quick, ops=ops, dtypes=dtypes):
+        for case in cases.cases_for(device.type, quick=args.quick, headline=args.headline, ops=ops, dtypes=dtypes):
             print(case.id)
         return 0
-    results = runner.run(ops=ops, dtypes=dtypes, quick=args.quick, compile=args.compile, device=device,
-                         threads=args.threads, rounds=args.rounds)
+    results = runner.run(ops=ops, dtypes=dtypes, quick=args.quick, headline=args.headline, compile=args.compile,
+                         device=device, threads=args.threads, rounds=args.rounds, budget_s=args.budget)
     print("\n".join(report.summary_lines(results, markdown=args.markdown)))
     out = args.out or report.default_out_path(results)
     report.write_results(results, out)
@@ -70,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_plot and results["rows"]:
         from bench.plots import plot_results
 
-        for path in plot_results(results, out):
+        for path in plot_results(results, out, combined=args.one_plot):
             print(f"plot:    {path}")
     return 0
 

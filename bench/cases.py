@@ -53,7 +53,9 @@ class OpBench:
     name: str
     bound: str  # "memory" (rate in GB/s against the copy limit) or "compute" (TFLOP/s against the GEMM limit)
     modes: tuple[str, ...]
-    shapes: dict[str, list[dict]]  # "cuda", "cpu" and "quick" (a few tiny cases for CI, any device)
+    # "cuda", "cpu", "quick" (a few tiny cases for CI, any device) and "headline": the few of "cuda"'s shapes that
+    # the GPU targets name, run by `--headline` (and `make gpu-check`) when a GPU's time is short.
+    shapes: dict[str, list[dict]]
     dtypes: dict[str, tuple[torch.dtype, ...]]  # default dtypes per device type ("cuda", "cpu")
     make_inputs: Callable[[dict, torch.dtype, torch.device, torch.Generator], dict[str, Tensor]]
     grad_inputs: tuple[str, ...]  # inputs differentiated in fwd+bwd mode
@@ -95,16 +97,19 @@ def register(op: OpBench) -> OpBench:
 
 
 def cases_for(
-    device_type: str, *, quick: bool = False, ops: list[str] | None = None, dtypes: list[torch.dtype] | None = None
+    device_type: str, *, quick: bool = False, headline: bool = False, ops: list[str] | None = None,
+    dtypes: list[torch.dtype] | None = None
 ) -> list[Case]:
-    """The cases to run on `device_type`: every registered op (or `ops`), its shapes, dtypes and modes."""
+    """The cases to run on `device_type`: every registered op (or `ops`), its shapes, dtypes and modes.
+
+    `headline` takes the "headline" shapes on CUDA (the device's own shapes elsewhere)."""
     unknown = sorted(set(ops or ()) - set(REGISTRY))
     if unknown:
         raise ValueError(f"unknown op(s) {unknown}; registered: {sorted(REGISTRY)}")
     selected = [REGISTRY[name] for name in (ops or REGISTRY)]
     cases = []
     for op in selected:
-        shapes = op.shapes["quick" if quick else device_type]
+        shapes = op.shapes["quick" if quick else "headline" if headline and device_type == "cuda" else device_type]
         for dtype in dtypes or op.dtypes[device_type]:
             for params in shapes:
                 for mode in op.modes:
@@ -183,6 +188,7 @@ LAYER_NORM = register(OpBench(
     modes=(FWD, FWD_BWD),
     shapes={
         "cuda": [{"M": 16384, "N": n} for n in (768, 1024, 4096, 8192)],
+        "headline": [{"M": 16384, "N": n} for n in (768, 4096)],
         "cpu": [{"M": 4096, "N": n} for n in (768, 1024, 4096)],
         "quick": [{"M": 256, "N": n} for n in (256, 1024)],
     },
@@ -241,6 +247,7 @@ ATTENTION = register(OpBench(
     # 16k tokens per batch on a GPU (the issue's target shapes); small ones on a CPU, where only the reference runs.
     shapes={
         "cuda": [{"B": 16384 // s, "H": 16, "S": s, "D": d} for d in (64, 128) for s in (512, 1024, 2048, 4096, 8192)],
+        "headline": [{"B": 8, "H": 16, "S": 2048, "D": d} for d in (64, 128)],
         "cpu": [{"B": 4, "H": 8, "S": s, "D": 64} for s in (128, 256)],
         "quick": [{"B": 1, "H": 2, "S": 64, "D": 32}],
     },
@@ -303,6 +310,7 @@ PADDED_ATTENTION = register(OpBench(
     shapes={
         "cuda": [{"B": 16384 // s, "H": 16, "S": s, "D": d, "min_len": s // 4} for d in (64, 128)
                  for s in (512, 1024, 2048, 4096, 8192)],
+        "headline": [{"B": 8, "H": 16, "S": 2048, "D": 128, "min_len": 512}],
         "cpu": [{"B": 4, "H": 8, "S": 256, "D": 64, "min_len": 64}],
         "quick": [{"B": 2, "H": 2, "S": 64, "D": 32, "min_len": 16}],
     },
@@ -350,6 +358,7 @@ BIAS_ACTIVATION = register(OpBench(
     modes=(FWD, FWD_BWD),
     shapes={
         "cuda": [{"M": 16384, "N": n} for n in (3072, 4096)],
+        "headline": [{"M": 16384, "N": 3072}],
         "cpu": [{"M": 2048, "N": 3072}],
         "quick": [{"M": 128, "N": 384}],
     },
@@ -509,6 +518,7 @@ ENCODER = register(OpBench(
     # case compiles torch's module once: four cases keep a CPU run to about a minute).
     shapes={
         "cuda": [dict(B=32, S=512, d=768, ff=3072, L=layers, min_len=low) for layers in (1, 12) for low in (512, 64)],
+        "headline": [dict(B=32, S=512, d=768, ff=3072, L=12, min_len=64)],
         "cpu": [dict(B=4, S=128, d=256, ff=1024, L=1, min_len=128),
                 dict(B=4, S=128, d=256, ff=1024, L=2, min_len=16)],
         "quick": [dict(B=2, S=32, d=128, ff=256, L=1, min_len=32), dict(B=2, S=32, d=128, ff=256, L=2, min_len=4)],
@@ -570,6 +580,7 @@ LSTM = register(OpBench(
     modes=(FWD, FWD_BWD),
     shapes={
         "cuda": [{"T": t, "B": b, "H": h} for t in (128, 512) for h in (128, 256, 512, 1024) for b in (1, 16, 64, 256)],
+        "headline": [{"T": 128, "B": 64, "H": 512}, {"T": 128, "B": 256, "H": 1024}],
         # The CPU target shape (hidden 256, batch 32, T 128) and one size either side.
         "cpu": [{"T": 128, "B": 32, "H": h} for h in (128, 256, 512)],
         "quick": [{"T": 8, "B": 3, "H": 16}],

@@ -24,6 +24,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, ContextManager
 
@@ -229,6 +230,10 @@ def measure_provider(prepared: PreparedCase, provider: Provider, threads: int, b
 # --- rows ------------------------------------------------------------------------------------------------------
 
 def _git_commit() -> tuple[str, bool | None]:
+    """(short commit, whether the tree differs from it); FASTENC_COMMIT names the commit where the tree came
+    without its git history (a copy sent to a GPU machine)."""
+    if os.environ.get("FASTENC_COMMIT"):
+        return os.environ["FASTENC_COMMIT"][:7], None
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
                                 text=True, timeout=10, check=True).stdout.strip()
@@ -358,13 +363,17 @@ def pick_device(name: str | None = None) -> torch.device:
 
 
 def run(*, ops: list[str] | None = None, dtypes: list[torch.dtype] | None = None, quick: bool = False,
-        compile: bool | None = None, device: torch.device | None = None, threads: int | None = None,
-        rounds: int | None = None, progress: bool = True) -> dict:
+        headline: bool = False, compile: bool | None = None, device: torch.device | None = None,
+        threads: int | None = None, rounds: int | None = None, budget_s: float | None = None,
+        progress: bool = True) -> dict:
     """Measure the device limits, then every case with every provider; return the results document.
 
     Providers of a case are timed in `rounds` interleaved rounds (each with 1/rounds of the timing budget) and
-    their measurements pooled, so that a drift in the machine's load falls on all of them alike.
+    their measurements pooled, so that a drift in the machine's load falls on all of them alike. With `budget_s`,
+    no case starts after that many seconds: the cases left are listed as skipped, so a short GPU lease still
+    ends with a results file.
     """
+    started = time.monotonic()
     device = device or pick_device()
     if threads:
         torch.set_num_threads(threads)
@@ -372,7 +381,7 @@ def run(*, ops: list[str] | None = None, dtypes: list[torch.dtype] | None = None
     budget = TimingBudget.quick() if quick else TimingBudget()
     compile = (not quick) if compile is None else compile
     rounds = rounds or (1 if quick else 3)
-    selected = cases_mod.cases_for(device.type, quick=quick, ops=ops, dtypes=dtypes)
+    selected = cases_mod.cases_for(device.type, quick=quick, headline=headline, ops=ops, dtypes=dtypes)
     plans = []
     for case in selected:
         providers, unavailable = providers_for(device.type, compile=compile, op=case.op)
@@ -382,13 +391,18 @@ def run(*, ops: list[str] | None = None, dtypes: list[torch.dtype] | None = None
 
     env = environment(device, threads, quick)
     env["rounds"] = rounds
+    env["budget_s"] = budget_s
     bar.step("device limits: copy + GEMM")
     limits = measure_limits(device, quick, threads, budget)
     bar.step(f"limits: {limits['copy_gbps']:.1f} GB/s copy, {limits['gemm_tflops']:.2f} TFLOP/s GEMM")
 
     rows, skipped = [], []
     for case, providers, unavailable in plans:
-        prepared = PreparedCase(case, device)
+        if budget_s is not None and time.monotonic() - started > budget_s:
+            unavailable = {**unavailable, **{p.name: f"not run: the run's time budget ({budget_s:g} s) was spent"
+                                             for p in providers}}
+            providers = []
+        prepared = PreparedCase(case, device) if providers else None
         measurements = []
         for provider in providers:
             measurements.append(check_provider(prepared, provider))

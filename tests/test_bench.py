@@ -117,3 +117,64 @@ def test_error_column_catches_a_planted_wrong_kernel(mode):
     table = "\n".join(report.table_lines(rows))
     assert any(line.startswith("layer_norm") and "planted" in line and line.endswith("!")
                for line in table.splitlines())
+
+
+def test_spent_budget_lists_the_cases_left_as_skipped():
+    results = runner.run(ops=["layer_norm"], quick=True, device=torch.device("cpu"), budget_s=0, progress=False)
+    report.validate_results(results)
+    assert results["rows"] == []
+    left = {s["reason"] for s in results["skipped"] if s["provider"] == "fastenc.auto"}
+    assert left == {"not run: the run's time budget (0 s) was spent"}
+
+
+def test_headline_shapes_are_cuda_shapes():
+    for op in cases.REGISTRY.values():
+        assert op.shapes["headline"], op.name
+        assert all(shape in op.shapes["cuda"] for shape in op.shapes["headline"]), op.name
+    assert cases.cases_for("cpu", headline=True) == cases.cases_for("cpu")
+
+
+def test_estimates_follow_the_work_counts():
+    from bench import estimates
+
+    case = cases.cases_for("cuda", headline=True, ops=["attention"])[0]
+    floor, expected = estimates.estimate(case, {"copy_gbps": 1e3, "gemm_tflops": 1.0})
+    assert floor == pytest.approx(case.work().flops / 1e12)
+    assert expected == pytest.approx(floor / estimates.EFFICIENCY["attention"][0])
+    row = {"op": case.op.name, "params": case.params, "dtype": "bfloat16", "mode": case.mode,
+           "provider": "fastenc.auto", "median_ms": 10 * expected * 1e3}
+    judged = estimates.judge_lines({"limits": {"copy_gbps": 1e3, "gemm_tflops": 1.0}, "rows": [row]})
+    assert "10.00x" in judged[1] and "explain it" in judged[1]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what gpu_check does on a machine without a GPU")
+def test_gpu_check_without_a_gpu_says_so_and_fails(tmp_path):
+    from bench import gpu_check
+
+    argv = [str(tmp_path), "--stage", "sanitize", "--stage", "bench"]
+    assert gpu_check.main(argv) == 1
+    state = json.loads((tmp_path / gpu_check.STATE).read_text())
+    assert {name: s["status"] for name, s in state["stages"].items()} == {
+        "sanitize": "not run: needs a CUDA device; this machine has none",
+        "bench": "not run: needs a CUDA device; this machine has none"}
+    assert gpu_check.main(argv) == 1  # a second call into the same folder adds a run, and still fails
+    assert len(json.loads((tmp_path / gpu_check.STATE).read_text())["runs"]) == 2
+
+
+def test_gpu_check_stages_are_time_boxed_and_resumable(tmp_path, monkeypatch, capsys):
+    from bench import gpu_check
+
+    with open(tmp_path / "log", "w") as log:
+        assert gpu_check.run_command([sys.executable, "-c", "pass"], {}, 30, log) == "passed"
+        assert gpu_check.run_command([sys.executable, "-c", "raise SystemExit(3)"], {}, 30, log) == "failed (exit 3)"
+        slow = [sys.executable, "-c", "import time; time.sleep(30)"]
+        assert gpu_check.run_command(slow, {}, 1, log) == "timed out after 1 s"
+    stage = gpu_check.Stage("cpu-tests", 30, needs_gpu=False, as_time_allows=True)
+    monkeypatch.setattr(gpu_check, "STAGES", (stage,))
+    monkeypatch.setattr(gpu_check, "commands", lambda *_: [([sys.executable, "-c", "print('ran')"], {})])
+    gpu_check.main([str(tmp_path)])
+    assert "ran" in (tmp_path / gpu_check.LOG).read_text()
+    assert json.loads((tmp_path / gpu_check.STATE).read_text())["stages"]["cpu-tests"]["status"] == "passed"
+    capsys.readouterr()
+    gpu_check.main([str(tmp_path)])
+    assert "cpu-tests    passed before" in capsys.readouterr().out
