@@ -401,8 +401,10 @@ def _build_encoder_skeletons(d: int, ff: int, layers: int) -> None:
         layer = torch.nn.TransformerEncoderLayer(d, heads, ff, dropout=0.0, activation="gelu", batch_first=True)
         # Dropout 0: eval mode computes what training mode does, and lets torch take its inference fast path
         # (nested tensors for a padded batch) under no_grad, as a user's inference would.
+        # fastenc skips padded positions (padding_free): every provider's padded outputs are zeroed here, so
+        # they compute one function; torch's encoder does the same by itself only in its inference fast path.
         skeletons = {"torch": torch.nn.TransformerEncoder(layer, layers).eval(),
-                     "fastenc": fastenc.nn.TransformerEncoder(layer, layers).eval()}
+                     "fastenc": fastenc.nn.TransformerEncoder(layer, layers, padding_free=True).eval()}
         try:
             from transformers import BertConfig, BertModel
         except ImportError:  # the Hugging Face peer then reports itself as skipped

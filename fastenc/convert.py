@@ -7,13 +7,16 @@ import torch
 from fastenc.nn._swap import swap_classes
 
 
-def convert(model: torch.nn.Module) -> torch.nn.Module:
+def convert(model: torch.nn.Module, *, padding_free: bool = False) -> torch.nn.Module:
     """Replace, in place, every torch.nn LayerNorm, MultiheadAttention, TransformerEncoderLayer and
     TransformerEncoder in `model` (exact types, not user subclasses) with its fastenc counterpart; and run the
     layers of Hugging Face BERT-family models (BertModel and the models built on it) on fastenc's kernels.
 
     The fastenc modules are subclasses of the originals with the same state, so parameters, buffers, device,
     dtype, training mode and hooks are kept as they are, and `state_dict` is unchanged. Returns `model`.
+
+    Outputs are torch's at every position, padded ones too; `padding_free=True` (for models that discard padded
+    outputs, as pooling does) lets the encoders skip padded positions, which then come out 0.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -21,4 +24,11 @@ def convert(model: torch.nn.Module) -> torch.nn.Module:
         from fastenc import _huggingface  # transformers is an optional dependency
 
         _huggingface.convert_bert(model)
-    return swap_classes(model)
+    swap_classes(model)
+    if padding_free:
+        from fastenc.nn.transformer import TransformerEncoder, TransformerEncoderLayer
+
+        for module in model.modules():
+            if isinstance(module, (TransformerEncoder, TransformerEncoderLayer)):
+                module.padding_free = True
+    return model

@@ -20,6 +20,7 @@ from tests.conftest import REQUIRED  # before fastenc: it sets TRITON_INTERPRET,
 import fastenc
 from fastenc import backends
 from fastenc import functional as F
+from fastenc.nn._errors import ArgumentTypeError, ArgumentValueError
 
 DOC = Path(__file__).parent.parent / "docs" / "bad-input.md"
 fnn = fastenc.nn
@@ -251,22 +252,22 @@ CASES = [
          lambda nn=fnn: nn.MultiheadAttention(10, 3), AssertionError, "embed_dim must be divisible by num_heads",
          AssertionError),
     Case("nn.MultiheadAttention", "query width is not embed_dim", lambda nn=fnn: _mha(nn, query=SEQ[..., :11]),
-         ValueError, r"query must be \(L, N, 12\)", AssertionError),
+         ArgumentValueError, r"query must be \(L, N, 12\)", AssertionError),
     Case("nn.MultiheadAttention", "query neither 2-D nor 3-D", lambda nn=fnn: _mha(nn, query=SEQ[None]),
-         ValueError, "query must be", AssertionError),
+         ArgumentValueError, "query must be", AssertionError),
     Case("nn.MultiheadAttention", "key 2-D with a 3-D query", lambda nn=fnn: _mha(nn, key=SEQ[0], value=SEQ[0]),
-         ValueError, r"key must be .* got \(5, 12\)", AssertionError),
+         ArgumentValueError, r"key must be .* got \(5, 12\)", AssertionError),
     Case("nn.MultiheadAttention", "key and value of different lengths", lambda nn=fnn: _mha(nn, value=SEQ[:, :4]),
-         ValueError, "key and value must have the same length", AssertionError),
+         ArgumentValueError, "key and value must have the same length", AssertionError),
     Case("nn.MultiheadAttention", "key of another batch than query",
          lambda nn=fnn: _mha(nn, key=SEQ[:1], value=SEQ[:1]), ValueError,
-         r"key and value must have the same length and query's batch size: got query \(2, 5, 12\), key \(1, 5, 12\)",
+         r"key and value must have query's batch size: got query \(2, 5, 12\), key \(1, 5, 12\)",
          RuntimeError),
     Case("nn.MultiheadAttention", "query of another dtype than the parameters",
          lambda nn=fnn: _mha(nn, query=SEQ.double(), key=SEQ.double(), value=SEQ.double()), RuntimeError,
          "query has dtype torch.float64 but the module's parameters are torch.float32", RuntimeError),
     Case("nn.MultiheadAttention", "attn_mask neither bool nor float",
-         lambda nn=fnn: _mha(nn, attn_mask=torch.zeros(5, 5, dtype=torch.int64)), TypeError,
+         lambda nn=fnn: _mha(nn, attn_mask=torch.zeros(5, 5, dtype=torch.int64)), ArgumentTypeError,
          "attn_mask must be bool or float, got torch.int64", AssertionError),
     Case("nn.MultiheadAttention", "attn_mask not (L, S)",
          lambda nn=fnn: _mha(nn, attn_mask=torch.zeros(5, 4, dtype=torch.bool)), RuntimeError,
@@ -275,12 +276,13 @@ CASES = [
          lambda nn=fnn: _mha(nn, attn_mask=torch.zeros(2, 5, 5, dtype=torch.bool)), RuntimeError,
          rf"attn_mask {SHAPES} .* got \(2, 5, 5\)", RuntimeError),
     Case("nn.MultiheadAttention", "key_padding_mask neither bool nor float",
-         lambda nn=fnn: _mha(nn, key_padding_mask=PAD.long()), TypeError,
+         lambda nn=fnn: _mha(nn, key_padding_mask=PAD.long()), ArgumentTypeError,
          "key_padding_mask must be bool or float, got torch.int64", AssertionError),
     Case("nn.MultiheadAttention", "key_padding_mask not (N, S)", lambda nn=fnn: _mha(nn, key_padding_mask=PAD[:, :4]),
-         ValueError, rf"key_padding_mask {SHAPES} \(N, S\) = \(2, 5\)", AssertionError),
+         ArgumentValueError, rf"key_padding_mask {SHAPES} \(N, S\) = \(2, 5\)", AssertionError),
     Case("nn.MultiheadAttention", "key_padding_mask not (S,) for unbatched input",
-         lambda nn=fnn: _mha(nn, query=SEQ[0], key=SEQ[0], value=SEQ[0], key_padding_mask=PAD[:1]), ValueError,
+         lambda nn=fnn: _mha(nn, query=SEQ[0], key=SEQ[0], value=SEQ[0], key_padding_mask=PAD[:1]),
+         ArgumentValueError,
          rf"key_padding_mask {SHAPES} \(S,\) = \(5,\)", AssertionError),
     Case("nn.MultiheadAttention", "is_causal without attn_mask", lambda nn=fnn: _mha(nn, is_causal=True),
          RuntimeError, "is_causal=True is a hint that attn_mask is the causal mask", RuntimeError),
@@ -289,39 +291,40 @@ CASES = [
          NotImplementedError, "forward_packed supports self-attention without add_bias_kv"),
     # nn.TransformerEncoderLayer
     Case("nn.TransformerEncoderLayer", "constructor: nhead does not divide d_model",
-         lambda nn=fnn: nn.TransformerEncoderLayer(10, 3), ValueError,
+         lambda nn=fnn: nn.TransformerEncoderLayer(10, 3), ArgumentValueError,
          r"nhead \(3\) must be positive and divide d_model \(10\)", AssertionError),
     Case("nn.TransformerEncoderLayer", "src width is not d_model", lambda nn=fnn: _layer(nn, SEQ[..., :11]),
-         ValueError, r"src must be .* with E = d_model = 12, got \(2, 5, 11\)", AssertionError),
-    Case("nn.TransformerEncoderLayer", "src neither 2-D nor 3-D", lambda nn=fnn: _layer(nn, SEQ[None]), ValueError,
+         ArgumentValueError, r"src must be .* with E = d_model = 12, got \(2, 5, 11\)", AssertionError),
+    Case("nn.TransformerEncoderLayer", "src neither 2-D nor 3-D", lambda nn=fnn: _layer(nn, SEQ[None]),
+         ArgumentValueError,
          r"src must be \(S, E\), \(S, N, E\) or \(N, S, E\)", AssertionError),
     Case("nn.TransformerEncoderLayer", "src of another dtype than the parameters",
          lambda nn=fnn: _layer(nn, SEQ.double()), RuntimeError,
          "src has dtype torch.float64 but the module's parameters are torch.float32", RuntimeError),
     Case("nn.TransformerEncoderLayer", "src_mask neither bool nor float",
-         lambda nn=fnn: _layer(nn, src_mask=torch.zeros(5, 5, dtype=torch.int64)), TypeError,
+         lambda nn=fnn: _layer(nn, src_mask=torch.zeros(5, 5, dtype=torch.int64)), ArgumentTypeError,
          "src_mask must be bool or float", AssertionError),
     Case("nn.TransformerEncoderLayer", "src_mask not (S, S) or (N * nhead, S, S)",
          lambda nn=fnn: _layer(nn, src_mask=torch.zeros(4, 4, dtype=torch.bool)), RuntimeError,
          rf"src_mask {SHAPES} \(L, S\) = \(5, 5\)", RuntimeError),
     Case("nn.TransformerEncoderLayer", "src_key_padding_mask neither bool nor float",
-         lambda nn=fnn: _layer(nn, src_key_padding_mask=PAD.long()), TypeError,
+         lambda nn=fnn: _layer(nn, src_key_padding_mask=PAD.long()), ArgumentTypeError,
          "src_key_padding_mask must be bool or float", AssertionError),
     Case("nn.TransformerEncoderLayer", "src_key_padding_mask not (N, S)",
-         lambda nn=fnn: _layer(nn, src_key_padding_mask=PAD.t()), ValueError,
+         lambda nn=fnn: _layer(nn, src_key_padding_mask=PAD.t()), ArgumentValueError,
          rf"src_key_padding_mask {SHAPES} \(N, S\) = \(2, 5\), got \(5, 2\)", AssertionError),
     # nn.TransformerEncoder
     Case("nn.TransformerEncoder", "src width is not d_model (padding-free path)",
-         lambda nn=fnn: _encoder(nn, SEQ[..., :11], src_key_padding_mask=PAD), ValueError,
+         lambda nn=fnn: _encoder(nn, SEQ[..., :11], src_key_padding_mask=PAD), ArgumentValueError,
          r"src must be .* with E = d_model = 12", AssertionError),
     Case("nn.TransformerEncoder", "mask neither bool nor float",
-         lambda nn=fnn: _encoder(nn, mask=torch.zeros(5, 5, dtype=torch.int64)), TypeError,
+         lambda nn=fnn: _encoder(nn, mask=torch.zeros(5, 5, dtype=torch.int64)), ArgumentTypeError,
          "mask must be bool or float", AssertionError),
     Case("nn.TransformerEncoder", "mask not (S, S) or (N * nhead, S, S)",
          lambda nn=fnn: _encoder(nn, mask=torch.zeros(4, 4, dtype=torch.bool)), RuntimeError,
          rf"mask {SHAPES} \(L, S\) = \(5, 5\)", RuntimeError),
     Case("nn.TransformerEncoder", "src_key_padding_mask not (N, S)",
-         lambda nn=fnn: _encoder(nn, src_key_padding_mask=PAD[:1]), ValueError,
+         lambda nn=fnn: _encoder(nn, src_key_padding_mask=PAD[:1]), ArgumentValueError,
          rf"src_key_padding_mask {SHAPES} \(N, S\) = \(2, 5\)", AssertionError),
     # nn.LSTM (torch's own checks where torch has them, so the messages are torch's)
     Case("nn.LSTM", "input neither 2-D nor 3-D", lambda nn=fnn: _lstm(nn, STEPS[None]), ValueError,
@@ -403,6 +406,14 @@ def test_bad_input_raises_the_documented_error(case):
         assert type(theirs) is case.torch, f"torch.nn: expected {case.torch.__name__}, got {theirs!r}"
 
 
+def test_module_errors_are_of_torchs_type_where_torch_asserts():
+    """A drop-in raises what torch raises: where torch.nn's check is an assert, fastenc's error is an
+    AssertionError too (and still a ValueError / TypeError)."""
+    asserted = [c for c in CASES if c.torch is AssertionError]
+    assert asserted and all(issubclass(c.error, AssertionError) for c in asserted), [
+        c.id for c in asserted if not issubclass(c.error, AssertionError)]
+
+
 def test_ids_are_unique():
     assert len({c.id for c in CASES}) == len(CASES)
 
@@ -416,11 +427,12 @@ def render() -> str:
         "from the table in `tests/test_bad_input.py`, which tests every row; regenerate with",
         "`.venv/bin/python -m tests.test_bad_input > docs/bad-input.md`.",
         "",
-        "The modules are drop-ins and raise torch's exception type, except where torch's check is a bare `assert`",
-        "that fastenc's own check precedes (it raises ValueError or TypeError, which `python -O` does not strip),",
-        "where torch fails later with a message that does not name the argument, and in `nn.LayerNorm`, whose",
-        "checks are `fastenc.functional`'s. The *torch.nn* column is what torch raises for the same call, checked",
-        "by the test too (blank: not compared).",
+        "The modules are drop-ins and raise torch's exception type. Where torch's check is a bare `assert`,",
+        "fastenc's own check raises ArgumentValueError / ArgumentTypeError (`fastenc.nn._errors`): a ValueError or",
+        "TypeError that is an AssertionError too, and that `python -O` does not strip. Not yet of torch's type:",
+        "where torch fails later with a RuntimeError whose message does not name the argument, and `nn.LayerNorm`,",
+        "whose checks are `fastenc.functional`'s. The *torch.nn* column is what torch raises for the same call,",
+        "checked by the test too (blank: not compared).",
         "",
         "| API | condition | exception | torch.nn | message |",
         "|---|---|---|---|---|",

@@ -24,11 +24,11 @@ def _copy_of(torch_module, fastenc_module, scale=0.3):
     return fastenc_module.eval(), torch_module.eval()
 
 
-def _layers(**kwargs):
+def _layers(padding_free=False, **kwargs):
     kwargs = {"dropout": 0.0, **kwargs}
     torch.manual_seed(0)
     return _copy_of(torch.nn.TransformerEncoderLayer(D, NHEAD, FF, **kwargs),
-                    fastenc.nn.TransformerEncoderLayer(D, NHEAD, FF, **kwargs))
+                    fastenc.nn.TransformerEncoderLayer(D, NHEAD, FF, padding_free=padding_free, **kwargs))
 
 
 def _compare(ours, theirs, x, valid=None, atol=1e-5, **kwargs):
@@ -60,40 +60,91 @@ def test_layer_without_bias_and_unbatched(backend_device):
     _compare(ours, theirs, torch.randn(6, D, device=device))
 
 
+def _zero_at(padding, out):
+    """Assert that `out` is exactly 0 at the padded positions (the padding-free path)."""
+    assert torch.all(out[padding] == 0)
+
+
+@pytest.mark.parametrize("padding_free", [False, True], ids=["every-position", "padding-free"])
 @pytest.mark.parametrize("norm_first", [False, True])
-def test_layer_masks(backend_device, norm_first):
+def test_layer_masks(backend_device, norm_first, padding_free):
+    """By default every position is torch's, padded ones too; padding_free compares the real ones and gives 0."""
     _, device = backend_device
-    ours, theirs = _layers(norm_first=norm_first, batch_first=True, device=device)
+    ours, theirs = _layers(padding_free, norm_first=norm_first, batch_first=True, device=device)
     x = torch.randn(3, 7, D, device=device)
     padding = (torch.arange(7)[None, :] >= torch.tensor([[7], [3], [5]])).to(device)
-    valid = (~padding)[..., None]
+    valid = (~padding)[..., None] if padding_free else None
     causal = torch.nn.Transformer.generate_square_subsequent_mask(7, device=device)
-    _compare(ours, theirs, x, valid, src_key_padding_mask=padding)  # packed, padding-free
-    _compare(ours, theirs, x, valid, src_key_padding_mask=padding, src_mask=causal, is_causal=True)  # packed
-    _compare(ours, theirs, x, src_mask=torch.randn(7, 7, device=device))  # padded path, float mask
+    out = _compare(ours, theirs, x, valid, src_key_padding_mask=padding)
+    out_causal = _compare(ours, theirs, x, valid, src_key_padding_mask=padding, src_mask=causal, is_causal=True)
+    if padding_free:
+        _zero_at(padding, out)
+        _zero_at(padding, out_causal)
+    _compare(ours, theirs, x, src_mask=torch.randn(7, 7, device=device))  # float mask: the padded path
     _compare(ours, theirs, x, valid, src_mask=torch.rand(7, 7, device=device) > 0.8, src_key_padding_mask=padding)
 
 
+@pytest.mark.parametrize("padding_free", [False, True], ids=["every-position", "padding-free"])
 @pytest.mark.parametrize("norm_first", [False, True])
-def test_encoder_stack(backend_device, norm_first):
+def test_encoder_stack(backend_device, norm_first, padding_free):
     _, device = backend_device
     layer = torch.nn.TransformerEncoderLayer(D, NHEAD, FF, dropout=0.0, norm_first=norm_first, device=device)
     ours, theirs = _copy_of(
         torch.nn.TransformerEncoder(layer, 3, norm=torch.nn.LayerNorm(D, device=device), enable_nested_tensor=False),
         fastenc.nn.TransformerEncoder(layer, 3, norm=torch.nn.LayerNorm(D, device=device),
-                                      enable_nested_tensor=False),
+                                      enable_nested_tensor=False, padding_free=padding_free),
     )
     assert all(type(m) is fastenc.nn.TransformerEncoderLayer for m in ours.layers)
     assert type(ours.norm) is fastenc.nn.LayerNorm
     x = torch.randn(9, 4, D, device=device)
     padding = (torch.arange(9)[None, :] >= torch.tensor([[9], [1], [6], [4]])).to(device)
     _compare(ours, theirs, x)
-    _compare(ours, theirs, x, (~padding).t()[..., None], src_key_padding_mask=padding)
+    out = _compare(ours, theirs, x, (~padding).t()[..., None] if padding_free else None,
+                   src_key_padding_mask=padding)
+    if padding_free:
+        _zero_at(padding.t(), out)
+
+
+def test_encoder_zeroes_padding_where_torch_takes_its_nested_tensor_path(backend_device):
+    """Inference with enable_nested_tensor: torch returns 0 at padded positions, and so does fastenc (packed)."""
+    _, device = backend_device
+    layer = torch.nn.TransformerEncoderLayer(D, NHEAD, FF, dropout=0.0, batch_first=True, device=device)
+    ours, theirs = _copy_of(torch.nn.TransformerEncoder(layer, 2), fastenc.nn.TransformerEncoder(layer, 2))
+    x = torch.randn(3, 6, D, device=device)
+    padding = (torch.arange(6)[None, :] >= torch.tensor([[6], [2], [4]])).to(device)
+    with torch.no_grad():
+        out, expected = ours(x, src_key_padding_mask=padding), theirs(x, src_key_padding_mask=padding)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    _zero_at(padding, expected)
+    with torch.no_grad():  # right-aligned padding: torch's mask_check leaves the fast path, and computes them
+        flipped = padding.flip(1)
+        out, expected = ours(x, src_key_padding_mask=flipped), theirs(x, src_key_padding_mask=flipped)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert expected[flipped].abs().min() > 0
+
+
+@pytest.mark.parametrize("module", ["layer", "encoder", "attention"])
+def test_empty_batch(backend_device, module):
+    _, device = backend_device
+    layer = torch.nn.TransformerEncoderLayer(D, NHEAD, FF, dropout=0.0, batch_first=True, device=device)
+    ours = {"layer": lambda: fastenc.nn.TransformerEncoderLayer(D, NHEAD, FF, dropout=0.0, batch_first=True,
+                                                                device=device),
+            "encoder": lambda: fastenc.nn.TransformerEncoder(layer, 2),
+            "attention": lambda: fastenc.nn.MultiheadAttention(D, NHEAD, batch_first=True, device=device)}[module]()
+    x = torch.randn(0, 5, D, device=device, requires_grad=True)
+    for padding in (None, torch.zeros(0, 5, dtype=torch.bool, device=device)):
+        if module == "attention":
+            out = ours(x, x, x, key_padding_mask=padding)[0]
+        else:
+            out = ours(x, src_key_padding_mask=padding)
+        assert out.shape == (0, 5, D)
+        (grad,) = torch.autograd.grad(out.sum(), x)
+        assert grad.shape == x.shape
 
 
 def test_fully_padded_sequence_is_finite_and_isolated():
     layer = fastenc.nn.TransformerEncoderLayer(D, NHEAD, FF, dropout=0.0, batch_first=True)
-    encoder = fastenc.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    encoder = fastenc.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False, padding_free=True).eval()
     x = torch.randn(3, 5, D, requires_grad=True)
     padding = torch.tensor([[False] * 5, [True] * 5, [False] * 3 + [True] * 2])
     out = encoder(x, src_key_padding_mask=padding)
@@ -124,9 +175,8 @@ def test_published_figures(backend_device, src, padding, expected):
             p.copy_(torch.cos(torch.arange(p.numel(), dtype=torch.float32)).view(p.shape))
         mask = None if padding is None else torch.tensor(padding, device=device)
         out = layer(torch.tensor(src, device=device), src_key_padding_mask=mask)
-    expected = torch.tensor(expected, device=device)
-    valid = torch.ones_like(out) if mask is None else (~mask).t()[..., None].expand_as(out)
-    torch.testing.assert_close(out[valid.bool()], expected[valid.bool()], atol=1e-5, rtol=1e-5)
+    # At every position, the padded one included.
+    torch.testing.assert_close(out, torch.tensor(expected, device=device), atol=1e-5, rtol=1e-5)
 
 
 def test_convert_replaces_modules_and_keeps_everything():
@@ -157,8 +207,7 @@ def test_convert_replaces_modules_and_keeps_everything():
     assert type(model.head[0]) is fastenc.nn.LayerNorm and type(model.head[1]) is torch.nn.Linear
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     assert next(model.parameters()).dtype == torch.float64
-    valid = (~padding)[..., None]
-    torch.testing.assert_close(model(x, padding) * valid, expected * valid)
+    torch.testing.assert_close(model(x, padding), expected)  # at every position, padded ones included
 
 
 def test_copy_pickle_and_state_dict_round_trip():
@@ -178,9 +227,7 @@ def test_torch_compile_fullgraph_encoder():
     x = torch.randn(2, 5, D)
     padding = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
     compiled = torch.compile(encoder, fullgraph=True, backend="aot_eager")
-    valid = (~padding)[..., None]
-    torch.testing.assert_close(compiled(x, src_key_padding_mask=padding) * valid,
-                               encoder(x, src_key_padding_mask=padding) * valid)
+    torch.testing.assert_close(compiled(x, src_key_padding_mask=padding), encoder(x, src_key_padding_mask=padding))
 
 
 @pytest.mark.parametrize(
@@ -199,3 +246,15 @@ def test_bad_input_names_the_argument(build, call, error, match):
         module = build() if build else fastenc.nn.TransformerEncoderLayer(D, NHEAD, FF)
         if call:
             call(module)
+
+
+def test_convert_padding_free_skips_padded_positions():
+    layer = torch.nn.TransformerEncoderLayer(D, NHEAD, FF, dropout=0.0, batch_first=True)
+    theirs = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    ours = fastenc.convert(copy.deepcopy(theirs), padding_free=True)
+    assert ours.padding_free and all(m.padding_free for m in ours.layers)
+    x = torch.randn(2, 6, D)
+    padding = torch.tensor([[False] * 6, [False] * 2 + [True] * 4])
+    out, expected = ours(x, src_key_padding_mask=padding), theirs(x, src_key_padding_mask=padding)
+    torch.testing.assert_close(out[~padding], expected[~padding], atol=1e-5, rtol=1e-5)
+    _zero_at(padding, out)

@@ -88,7 +88,9 @@ class TransformerEncoderModel(Encoder):
                                            layer_norm_eps=layer_norm_eps, batch_first=True, norm_first=norm_first)
         # A pre-norm stack ends un-normalised: it gets a final LayerNorm, as in most pre-norm models.
         final_norm = nn.LayerNorm(d_model, eps=layer_norm_eps) if norm_first else None
-        self.encoder = nn.TransformerEncoder(layer, num_layers, norm=final_norm, enable_nested_tensor=False)
+        # Pooling and the head read real tokens only: padded positions are skipped (and come out 0).
+        self.encoder = nn.TransformerEncoder(layer, num_layers, norm=final_norm, enable_nested_tensor=False,
+                                             padding_free=True)
         self.head = classification_head(d_model, num_classes, dropout)
 
     def hidden_states(self, input_ids: Tensor) -> Tensor:

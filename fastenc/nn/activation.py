@@ -7,6 +7,7 @@ import torch.nn.functional as TF
 from torch import Tensor
 
 from fastenc import functional as F
+from fastenc.nn._errors import ArgumentTypeError, ArgumentValueError
 
 
 def check_dtype(name: str, t: Tensor, weight: Tensor) -> None:
@@ -21,7 +22,7 @@ def check_masks(attn_mask: Tensor | None, key_padding_mask: Tensor | None, batch
     A wrong attn_mask shape raises RuntimeError, as torch does; torch asserts the rest, fastenc raises."""
     for name, mask in ((attn_name, attn_mask), (padding_name, key_padding_mask)):
         if mask is not None and mask.dtype != torch.bool and not mask.is_floating_point():
-            raise TypeError(f"{name} must be bool or float, got {mask.dtype}")
+            raise ArgumentTypeError(f"{name} must be bool or float, got {mask.dtype}")
     if attn_mask is not None:
         shapes = (l_q, s_k), ((batch or 1) * heads, l_q, s_k)
         if tuple(attn_mask.shape) not in shapes:
@@ -30,7 +31,7 @@ def check_masks(attn_mask: Tensor | None, key_padding_mask: Tensor | None, batch
     if key_padding_mask is not None:
         shape, axes = ((s_k,), "(S,)") if batch is None else ((batch, s_k), "(N, S)")
         if tuple(key_padding_mask.shape) != shape:
-            raise ValueError(f"{padding_name} must have shape {axes} = {shape}, got {tuple(key_padding_mask.shape)}")
+            raise ArgumentValueError(f"{padding_name} must have shape {axes} = {shape}, got {tuple(key_padding_mask.shape)}")
 
 
 class MultiheadAttention(torch.nn.MultiheadAttention):
@@ -76,14 +77,16 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         rank = query.dim()
         for name, t, width in (("query", query, self.embed_dim), ("key", key, self.kdim), ("value", value, self.vdim)):
             if t.dim() not in (2, 3) or t.dim() != rank or t.shape[-1] != width:
-                raise ValueError(f"{name} must be (L, N, {width}) or (N, L, {width}) with batch_first, or "
-                                 f"({'L' if name == 'query' else 'S'}, {width}) unbatched; got {tuple(t.shape)}")
+                raise ArgumentValueError(f"{name} must be (L, N, {width}) or (N, L, {width}) with batch_first, or "
+                                         f"({'L' if name == 'query' else 'S'}, {width}) unbatched; got {tuple(t.shape)}")
             check_dtype(name, t, self.out_proj.weight)
         seq = 1 if self.batch_first and rank == 3 else 0
         batch = query.shape[1 - seq] if rank == 3 else None
-        if key.shape[:-1] != value.shape[:-1] or (batch is not None and key.shape[1 - seq] != batch):
-            raise ValueError(f"key and value must have the same length and query's batch size: got query "
-                             f"{tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}")
+        shapes = f"got query {tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}"
+        if key.shape[:-1] != value.shape[:-1]:
+            raise ArgumentValueError(f"key and value must have the same length and batch size: {shapes}")
+        if batch is not None and key.shape[1 - seq] != batch:
+            raise ValueError(f"key and value must have query's batch size: {shapes}")
         check_masks(attn_mask, key_padding_mask, batch, self.num_heads, query.shape[seq], key.shape[seq])
 
     def _project(self, query: Tensor, key: Tensor, value: Tensor, same_input: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -122,7 +125,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         if extra:  # the appended keys are never masked
             bias = None if bias is None else TF.pad(bias, (0, extra))
             key_padding_mask = None if key_padding_mask is None else TF.pad(key_padding_mask, (0, extra))
-        heads = [t.view(n, -1, h, e // h).transpose(1, 2) for t in (q, k, v)]
+        heads = [t.view(n, t.shape[1], h, e // h).transpose(1, 2) for t in (q, k, v)]
         out = F.attention(*heads, attn_mask=bias, key_padding_mask=key_padding_mask, is_causal=is_causal,
                           dropout_p=self.dropout if self.training else 0.0)
         return self.out_proj(out.transpose(1, 2).reshape(n, l_q, e))

@@ -2,11 +2,15 @@
 
 The modules are torch's (subclasses: same constructor, parameters, state_dict and initialisation) with
 fastenc's attention, residual-add + LayerNorm, and bias + activation + dropout after the first feed-forward
-linear layer (ReLU and GELU; another activation runs torch's feed-forward block). Given a bool `src_key_padding_mask` (and no mask other
-than a causal one), the tokens are packed once at the encoder's entry, every layer runs on packed tokens through
-variable-length attention, and the output is unpacked at the exit: no work is spent on padding. Outputs at padded
-positions are then 0 (torch leaves unspecified values there); everywhere else they are torch's. Under
-torch.compile the padded path runs (packing has a data-dependent shape).
+linear layer (ReLU and GELU; another activation runs torch's feed-forward block).
+
+Outputs are torch's at every position torch computes, padded ones included. Where padded outputs are not wanted,
+`padding_free=True` (a keyword of both constructors) packs the real tokens of a batch with a bool
+`src_key_padding_mask` (and no mask other than a causal one) once at the encoder's entry, runs every layer on them
+through variable-length attention and unpacks at the exit: no work is spent on padding, and padded positions
+are 0. The encoder does the same by itself where torch's own would take its nested-tensor fast path (inference
+with `enable_nested_tensor`), which also returns 0 there. Under torch.compile the padded path runs (packing has
+a data-dependent shape).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch.nn.functional as TF
 from torch import Tensor
 
 from fastenc import functional as F
+from fastenc.nn._errors import ArgumentValueError
 from fastenc.nn._swap import swap_classes
 from fastenc.nn.activation import check_dtype, check_masks
 from fastenc.nn.normalization import residual_layer_norm
@@ -58,12 +63,17 @@ def _packable(mask: Tensor | None, padding: Tensor | None, is_causal: bool) -> b
 
 
 class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
-    """Drop-in for `torch.nn.TransformerEncoderLayer` on fused attention and fused residual-add + LayerNorm."""
+    """Drop-in for `torch.nn.TransformerEncoderLayer` on fused attention and fused residual-add + LayerNorm.
 
-    def __init__(self, d_model: int, nhead: int, *args, **kwargs) -> None:
+    `padding_free=True`: with a bool src_key_padding_mask, padded positions are skipped and come out 0."""
+
+    padding_free = False  # the class default, also for modules that fastenc.convert re-classes
+
+    def __init__(self, d_model: int, nhead: int, *args, padding_free: bool = False, **kwargs) -> None:
         if nhead <= 0 or d_model % nhead:
-            raise ValueError(f"nhead ({nhead}) must be positive and divide d_model ({d_model})")
+            raise ArgumentValueError(f"nhead ({nhead}) must be positive and divide d_model ({d_model})")
         super().__init__(d_model, nhead, *args, **kwargs)
+        self.padding_free = padding_free
         swap_classes(self)
 
     def forward(self, src: Tensor, src_mask: Tensor | None = None, src_key_padding_mask: Tensor | None = None,
@@ -72,7 +82,7 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
         if cu_seqlens is not None:  # packed tokens (T, E), as TransformerEncoder passes them: see forward_packed
             return self.forward_packed(src, cu_seqlens, max_seqlen, is_causal)
         batch, seq_len = self._check(src, src_mask, src_key_padding_mask)
-        if batch is not None and _packable(src_mask, src_key_padding_mask, is_causal):
+        if self.padding_free and batch is not None and _packable(src_mask, src_key_padding_mask, is_causal):
             x = src if self.self_attn.batch_first else src.transpose(0, 1)
             tokens, index, cu_seqlens, max_seqlen = pack(x, src_key_padding_mask)
             out = unpack(self.forward_packed(tokens, cu_seqlens, max_seqlen, is_causal), index, batch, seq_len)
@@ -89,7 +99,7 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
         """(batch size, None when unbatched; sequence length) of src, after checking src and the masks."""
         width = self.self_attn.embed_dim
         if src.dim() not in (2, 3) or src.shape[-1] != width:
-            raise ValueError(f"src must be (S, E), (S, N, E) or (N, S, E) with E = d_model = {width}, "
+            raise ArgumentValueError(f"src must be (S, E), (S, N, E) or (N, S, E) with E = d_model = {width}, "
                              f"got {tuple(src.shape)}")
         check_dtype("src", src, self.linear1.weight)
         seq = 1 if self.self_attn.batch_first and src.dim() == 3 else 0
@@ -120,24 +130,43 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
 
 
 class TransformerEncoder(torch.nn.TransformerEncoder):
-    """Drop-in for `torch.nn.TransformerEncoder`; packs padded batches once for all its layers.
+    """Drop-in for `torch.nn.TransformerEncoder`; packs padded batches once for all its layers where padded
+    outputs are 0: with `padding_free=True`, and where torch's own encoder would take its nested-tensor path.
 
-    `enable_nested_tensor` and `mask_check` are accepted and kept; fastenc's padding-free path replaces nested
-    tensors, and needs no left-aligned padding.
+    `enable_nested_tensor` and `mask_check` mean what they mean to torch; packing itself needs no left-aligned
+    padding.
     """
 
-    def __init__(self, encoder_layer: torch.nn.TransformerEncoderLayer, num_layers: int, *args, **kwargs) -> None:
+    padding_free = False  # the class default, also for modules that fastenc.convert re-classes
+
+    def __init__(self, encoder_layer: torch.nn.TransformerEncoderLayer, num_layers: int, *args,
+                 padding_free: bool = False, **kwargs) -> None:
         if not isinstance(encoder_layer, TransformerEncoderLayer):
             encoder_layer = swap_classes(copy.deepcopy(encoder_layer))
         super().__init__(encoder_layer, num_layers, *args, **kwargs)
+        self.padding_free = padding_free
         swap_classes(self)
+
+    def _torch_zeroes_padding(self, src: Tensor, mask: Tensor | None, padding: Tensor | None) -> bool:
+        """Whether torch's TransformerEncoder would run its nested-tensor fast path on these arguments, and so
+        return 0 at the padded positions (its conditions, in its order)."""
+        first = self.layers[0]
+        if not (torch.backends.mha.get_fastpath_enabled() and getattr(self, "use_nested_tensor", False)
+                and not first.training and src.dim() == 3 and padding is not None and mask is None
+                and not torch.is_autocast_enabled() and not torch.compiler.is_compiling()):
+            return False
+        if torch.is_grad_enabled() and (src.requires_grad or any(p.requires_grad for p in first.parameters())):
+            return False
+        return not getattr(self, "mask_check", True) or bool(
+            torch._nested_tensor_from_mask_left_aligned(src, padding.logical_not()))
 
     def forward(self, src: Tensor, mask: Tensor | None = None, src_key_padding_mask: Tensor | None = None,
                 is_causal: bool | None = None) -> Tensor:
         first = self.layers[0]
         batch, seq_len = first._check(src, mask, src_key_padding_mask, mask_name="mask")
         is_causal = torch.nn.modules.transformer._detect_is_causal_mask(mask, is_causal, seq_len)
-        if batch is not None and _packable(mask, src_key_padding_mask, is_causal):
+        pack_tokens = self.padding_free or self._torch_zeroes_padding(src, mask, src_key_padding_mask)
+        if pack_tokens and batch is not None and _packable(mask, src_key_padding_mask, is_causal):
             x = src if first.self_attn.batch_first else src.transpose(0, 1)
             tokens, index, cu_seqlens, max_seqlen = pack(x, src_key_padding_mask)
             for layer in self.layers:  # through __call__: hooks and wrappers (checkpointing, FSDP) see every layer
