@@ -112,6 +112,20 @@ def test_gradcheck(backend_device):
     )
 
 
+@pytest.mark.parametrize("weight", [True, False], ids=["affine", "plain"])
+def test_double_backward(backend_device, weight):
+    """Gradients of gradients (gradient penalties, Hessian-vector products), as torch's layer_norm has them."""
+    _, device = backend_device
+    x, r, w, b = (t.requires_grad_() for t in _inputs((3, 7), torch.float64, device))
+    w, b = (w, b) if weight else (None, None)
+    args = tuple(t for t in (x, r, w, b) if t is not None)
+
+    def fn(x, r, *params):
+        return F.layer_norm(x, (7,), *(params or (None, None)), residual=r, return_residual=True)
+
+    assert torch.autograd.gradgradcheck(fn, args)
+
+
 @pytest.mark.parametrize("used", ["y", "sum"])
 def test_gradient_through_one_output(backend_device, used):
     """Only one of (y, x + residual) reaches the loss: the other's gradient is None inside the op, not zeros."""

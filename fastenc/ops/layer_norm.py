@@ -111,6 +111,37 @@ def _backward(ctx, dy, dsum, dmean, drstd):
 
 layer_norm.register_autograd(_backward, setup_context=_setup_context)
 
+
+def _setup_backward_context(ctx, inputs, output):
+    dy, dsum, xs, weight, _, rstd, ctx.has_bias, _ = inputs
+    ctx.save_for_backward(dy, dsum, xs, weight, rstd)
+
+
+def _double_backward(ctx, ddx, ddweight, ddbias):
+    """The backward's own gradients (gradient penalties, Hessian-vector products): the reference's backward run
+    again under autograd, with mean and rstd recomputed from xs so that their dependence on it is differentiated
+    (eps is recovered from the saved rstd, which that recomputation then reproduces)."""
+    from fastenc.reference import layer_norm as reference
+
+    dy, dsum, xs, weight, rstd = ctx.saved_tensors
+    with torch.enable_grad():
+        leaves = [None if t is None else t.detach().requires_grad_() for t in (dy, dsum, xs, weight)]
+        xf = leaves[2].to(rstd.dtype)
+        var = xf.var(dim=-1, unbiased=False)
+        eps = (rstd.double().reciprocal().square() - var.detach().double()).to(rstd.dtype)
+        outputs = reference.layer_norm_backward(leaves[0], leaves[1], leaves[2], leaves[3], xf.mean(dim=-1),
+                                                torch.rsqrt(var + eps), ctx.has_bias)
+        used = [(out, grad) for out, grad in zip(outputs, (ddx, ddweight, ddbias))
+                if grad is not None and out.numel() and out.requires_grad]
+        wanted = [t for t in leaves if t is not None]
+        grads = iter(torch.autograd.grad([o for o, _ in used], wanted, [g for _, g in used], allow_unused=True)
+                     if used else [None] * len(wanted))
+    dy_grad, dsum_grad, xs_grad, weight_grad = (None if t is None else next(grads) for t in leaves)
+    return dy_grad, dsum_grad, xs_grad, weight_grad, None, None, None, None
+
+
+layer_norm_backward.register_autograd(_double_backward, setup_context=_setup_backward_context)
+
 # Under CUDA autocast torch runs layer_norm in float32, and so does fastenc. CPU autocast leaves torch's
 # layer_norm alone (half / bfloat16 input with float32 parameters stays mixed), and fastenc's too.
 AUTOCAST_FLOAT32_DEVICES = ("cuda",)
