@@ -10,7 +10,7 @@ import fastenc
 from fastenc import backends
 from fastenc import functional as F
 from fastenc.reference import layer_norm as reference
-from tests.conftest import DEVICES, compare_with_oracle, outputs_and_grads
+from tests.conftest import DEVICES, compare_with_oracle, outputs_and_grads, skip_unless_takes
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 # Odd widths on purpose: 1 (variance 0), primes, one past a power of two, a wide row; leading dims of any rank.
@@ -76,6 +76,14 @@ def test_optional_arguments(backend_device, residual, weight, bias, dtype):
 def test_widest_row(backend_device):
     _, device = backend_device
     _check(*_inputs((2, 65536), torch.float32, device), return_residual=True)
+
+
+def test_very_wide_row_keeps_its_accuracy(backend_device):
+    """A normalized_shape of a million elements, off-centre: the row sums must not drift with the row's length."""
+    name, device = backend_device
+    x, r, w, b = _inputs((2, 1 << 20), torch.float32, device, seed=3)
+    skip_unless_takes("layer_norm", name, x, r, w, b)
+    _check(x * 1.5 + 20, r, w, b)
 
 
 def test_strided_and_transposed_inputs(backend_device):

@@ -26,37 +26,41 @@ constexpr int64_t kGrainElements = 32768;
 
 int64_t row_grain(int64_t n) { return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(n, 1)); }
 
+// Rows are summed in blocks of kSumBlock elements, each in kLanes independent accumulators, and the block totals
+// in double: a wide row (a normalized_shape of millions of elements) then keeps the accuracy of a short one
+// instead of drifting with its length.
+constexpr int64_t kSumBlock = 4096;
+
+template <typename acc_t, typename Term>
+FASTENC_INLINE acc_t blocked_row_sum(int64_t n, Term term) {
+  double total = 0;
+  for (int64_t start = 0; start < n; start += kSumBlock) {
+    const int64_t end = std::min(n, start + kSumBlock);
+    acc_t lane[kLanes] = {};
+    int64_t j = start;
+    for (; j + kLanes <= end; j += kLanes) {
+      for (int64_t k = 0; k < kLanes; ++k) lane[k] += term(j + k);
+    }
+    acc_t block = 0;
+    for (int64_t k = 0; k < kLanes; ++k) block += lane[k];
+    for (; j < end; ++j) block += term(j);
+    total += block;
+  }
+  return static_cast<acc_t>(total);
+}
+
 template <typename acc_t>
 acc_t row_sum(const acc_t* v, int64_t n) {
-  acc_t lane[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    for (int64_t k = 0; k < kLanes; ++k) lane[k] += v[j + k];
-  }
-  acc_t total = 0;
-  for (int64_t k = 0; k < kLanes; ++k) total += lane[k];
-  for (; j < n; ++j) total += v[j];
-  return total;
+  return blocked_row_sum<acc_t>(n, [v](int64_t j) __attribute__((always_inline)) { return v[j]; });
 }
 
 // Sum of squared deviations from `mean` (the second pass of a two-pass variance).
 template <typename acc_t>
 acc_t row_sum_sq_dev(const acc_t* v, acc_t mean, int64_t n) {
-  acc_t lane[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    for (int64_t k = 0; k < kLanes; ++k) {
-      const acc_t d = v[j + k] - mean;
-      lane[k] += d * d;
-    }
-  }
-  acc_t total = 0;
-  for (int64_t k = 0; k < kLanes; ++k) total += lane[k];
-  for (; j < n; ++j) {
+  return blocked_row_sum<acc_t>(n, [v, mean](int64_t j) __attribute__((always_inline)) {
     const acc_t d = v[j] - mean;
-    total += d * d;
-  }
-  return total;
+    return d * d;
+  });
 }
 
 // y = (v - mean) * rstd [* w] [+ b], written in scalar_t; the four cases are separate loops so each vectorises.
@@ -132,8 +136,8 @@ template <bool kWeight, bool kBias, typename scalar_t, typename acc_t>
 FASTENC_INLINE void backward_row_sums(const scalar_t* __restrict dy, const scalar_t* __restrict xs,
                                       const acc_t* __restrict w, acc_t mu, acc_t rs, acc_t* __restrict dw,
                                       acc_t* __restrict db, int64_t n, acc_t& sum_g, acc_t& sum_gx) {
-  acc_t lane_g[kBackwardLanes] = {};
-  acc_t lane_gx[kBackwardLanes] = {};
+  acc_t lane_g[kBackwardLanes];
+  acc_t lane_gx[kBackwardLanes];
   const auto accumulate = [&](int64_t j, int64_t k) __attribute__((always_inline)) {
     const acc_t d = static_cast<acc_t>(dy[j + k]);
     const acc_t xhat = (static_cast<acc_t>(xs[j + k]) - mu) * rs;
@@ -143,20 +147,26 @@ FASTENC_INLINE void backward_row_sums(const scalar_t* __restrict dy, const scala
     if constexpr (kWeight) dw[j + k] += d * xhat;
     if constexpr (kBias) db[j + k] += d;
   };
-  for (int64_t j = 0; j < n; j += kBackwardLanes) {
-    const int64_t width = std::min(kBackwardLanes, n - j);
-    if (width == kBackwardLanes) {  // a constant trip count: vectorised
-      for (int64_t k = 0; k < kBackwardLanes; ++k) accumulate(j, k);
-    } else {
-      for (int64_t k = 0; k < width; ++k) accumulate(j, k);
+  double total_g = 0, total_gx = 0;  // block totals in double, as in blocked_row_sum
+  for (int64_t start = 0; start < n; start += kSumBlock) {
+    const int64_t end = std::min(n, start + kSumBlock);
+    std::fill_n(lane_g, kBackwardLanes, acc_t(0));
+    std::fill_n(lane_gx, kBackwardLanes, acc_t(0));
+    for (int64_t j = start; j < end; j += kBackwardLanes) {
+      const int64_t width = std::min(kBackwardLanes, end - j);
+      if (width == kBackwardLanes) {  // a constant trip count: vectorised
+        for (int64_t k = 0; k < kBackwardLanes; ++k) accumulate(j, k);
+      } else {
+        for (int64_t k = 0; k < width; ++k) accumulate(j, k);
+      }
+    }
+    for (int64_t k = 0; k < kBackwardLanes; ++k) {
+      total_g += lane_g[k];
+      total_gx += lane_gx[k];
     }
   }
-  sum_g = 0;
-  sum_gx = 0;
-  for (int64_t k = 0; k < kBackwardLanes; ++k) {
-    sum_g += lane_g[k];
-    sum_gx += lane_gx[k];
-  }
+  sum_g = static_cast<acc_t>(total_g);
+  sum_gx = static_cast<acc_t>(total_gx);
 }
 
 // dx for rows [begin, end), and their dweight / dbias contributions added into dw / db (this chunk's own rows).
