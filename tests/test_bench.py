@@ -169,12 +169,19 @@ def test_gpu_check_stages_are_time_boxed_and_resumable(tmp_path, monkeypatch, ca
         assert gpu_check.run_command([sys.executable, "-c", "raise SystemExit(3)"], {}, 30, log) == "failed (exit 3)"
         slow = [sys.executable, "-c", "import time; time.sleep(30)"]
         assert gpu_check.run_command(slow, {}, 1, log) == "timed out after 1 s"
-    stage = gpu_check.Stage("cpu-tests", 30, needs_gpu=False, as_time_allows=True)
-    monkeypatch.setattr(gpu_check, "STAGES", (stage,))
-    monkeypatch.setattr(gpu_check, "commands", lambda *_: [([sys.executable, "-c", "print('ran')"], {})])
+    stages = (gpu_check.Stage("build", 30, needs_gpu=False),
+              gpu_check.Stage("cpu-tests", 30, needs_gpu=False, as_time_allows=True))
+    monkeypatch.setattr(gpu_check, "STAGES", stages)
+    build_fails = [True]
+    monkeypatch.setattr(gpu_check, "commands", lambda stage, *_: [(
+        [sys.executable, "-c", f"raise SystemExit({int(stage.name == 'build' and build_fails[0])})"], {})])
     gpu_check.main([str(tmp_path)])
-    assert "ran" in (tmp_path / gpu_check.LOG).read_text()
+    state = json.loads((tmp_path / gpu_check.STATE).read_text())["stages"]
+    assert state["cpu-tests"]["status"] == "not run: the build did not pass"
+    build_fails[0] = False
+    gpu_check.main([str(tmp_path)])
     assert json.loads((tmp_path / gpu_check.STATE).read_text())["stages"]["cpu-tests"]["status"] == "passed"
     capsys.readouterr()
-    gpu_check.main([str(tmp_path)])
-    assert "cpu-tests    passed before" in capsys.readouterr().out
+    gpu_check.main([str(tmp_path)])  # the build is checked again; what passed is not rerun
+    out = capsys.readouterr().out
+    assert "build        passed" in out and "cpu-tests    passed before" in out
