@@ -123,3 +123,28 @@ def test_dropout_only_in_training():
     torch.manual_seed(3)
     assert torch.equal(first, ours(*x, need_weights=False)[0])
     assert not torch.allclose(first, ours.eval()(*x, need_weights=False)[0])
+
+
+def test_learned_mask_is_differentiated_as_torch_does(backend_device):
+    """A mask that requires grad (a learned relative-position bias) gets its gradient, as in torch."""
+    _, device = backend_device
+    ours, theirs = _pair(device, batch_first=True)
+    q, k, v = _inputs(device, True)
+    bias = torch.randn(L, L, device=device, requires_grad=True)
+    out, _ = ours(q, k, v, attn_mask=bias, need_weights=False)
+    expected, _ = theirs(q, k, v, attn_mask=bias, need_weights=False)
+    torch.testing.assert_close(out, expected)
+    dy = torch.randn_like(out)
+    (got,), (want,) = torch.autograd.grad(out, [bias], dy), torch.autograd.grad(expected, [bias], dy)
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("build", [
+    lambda: fastenc.nn.MultiheadAttention(E, H), lambda: fastenc.nn.LayerNorm(E), lambda: fastenc.nn.LSTM(4, E),
+    lambda: fastenc.nn.TransformerEncoderLayer(E, H, 2 * E),
+    lambda: fastenc.convert(torch.nn.Sequential(torch.nn.TransformerEncoder(
+        torch.nn.TransformerEncoderLayer(E, H, 2 * E), 1, enable_nested_tensor=False)))],
+    ids=["mha", "layer_norm", "lstm", "encoder_layer", "converted_model"])
+def test_torchscript_says_it_cannot_and_names_torch_compile(build):
+    with pytest.raises(RuntimeError, match=r"cannot be compiled by torch.jit.script .* use torch.compile"):
+        torch.jit.script(build())

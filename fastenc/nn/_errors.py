@@ -1,4 +1,5 @@
-"""The modules' argument errors, of torch's type for the same call as well as of Python's usual one.
+"""The modules' argument errors (of torch's type for the same call as well as Python's usual one), and the
+error that TorchScript gets.
 
 torch.nn's modules check their arguments with `assert` (AssertionError), while fastenc's checks raise ValueError or
 TypeError, which `python -O` does not strip. These classes are both, so a drop-in raises what torch raises and
@@ -14,3 +15,13 @@ class ArgumentValueError(ValueError, AssertionError):
 
 class ArgumentTypeError(TypeError, AssertionError):
     """An argument of the wrong dtype (torch.nn: AssertionError)."""
+
+
+class NotScriptable:
+    """Mixed into every fastenc module: torch.jit.script cannot compile them (their forwards call torch.library
+    custom ops from Python, with keyword arguments TorchScript rejects), and says so, naming what works."""
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            f"fastenc.nn.{type(self).__name__} cannot be compiled by torch.jit.script (TorchScript): use "
+            f"torch.compile, which traces through fastenc's ops, or script the torch.nn model before fastenc.convert")

@@ -7,7 +7,7 @@ import torch.nn.functional as TF
 from torch import Tensor
 
 from fastenc import functional as F
-from fastenc.nn._errors import ArgumentTypeError, ArgumentValueError
+from fastenc.nn._errors import ArgumentTypeError, ArgumentValueError, NotScriptable
 
 
 def check_dtype(name: str, t: Tensor, weight: Tensor) -> None:
@@ -34,12 +34,13 @@ def check_masks(attn_mask: Tensor | None, key_padding_mask: Tensor | None, batch
             raise ArgumentValueError(f"{padding_name} must have shape {axes} = {shape}, got {tuple(key_padding_mask.shape)}")
 
 
-class MultiheadAttention(torch.nn.MultiheadAttention):
+class MultiheadAttention(NotScriptable, torch.nn.MultiheadAttention):
     """Drop-in for `torch.nn.MultiheadAttention` (same constructor, parameters, state_dict and forward).
 
     With `need_weights=False` (what TransformerEncoderLayer asks for) attention runs fused in fastenc and the
     weights are not formed. With `need_weights=True` (torch's default) the weights must be materialised, so
-    that call takes torch's own, non-fused path and returns exactly what torch returns.
+    that call takes torch's own, non-fused path and returns exactly what torch returns; so does a call whose
+    mask requires grad (a learned additive bias), since fastenc's attention does not differentiate masks.
     Masks keep torch's meanings: in `attn_mask` and `key_padding_mask`, True (or -inf) means "do not attend".
     """
 
@@ -54,7 +55,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         average_attn_weights: bool = True,
         is_causal: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
-        if need_weights:
+        learned_mask = torch.is_grad_enabled() and any(
+            m is not None and m.requires_grad for m in (attn_mask, key_padding_mask))
+        if need_weights or learned_mask:
             return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask,
                                    average_attn_weights, is_causal)
         if is_causal and attn_mask is None:

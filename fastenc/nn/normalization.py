@@ -6,9 +6,10 @@ import torch
 from torch import Tensor
 
 from fastenc import functional as F
+from fastenc.nn._errors import NotScriptable
 
 
-class LayerNorm(torch.nn.LayerNorm):
+class LayerNorm(NotScriptable, torch.nn.LayerNorm):
     """Drop-in for `torch.nn.LayerNorm`; an instance of it too, so code that checks the type keeps working.
 
     `forward(input, residual=None)`: with `residual`, normalises `input + residual` in one fused pass.

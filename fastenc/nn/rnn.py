@@ -8,9 +8,10 @@ from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
 from fastenc import functional as F
+from fastenc.nn._errors import NotScriptable
 
 
-class LSTM(torch.nn.LSTM):
+class LSTM(NotScriptable, torch.nn.LSTM):
     """Drop-in for `torch.nn.LSTM`; an instance of it too, so code that checks the type keeps working.
 
     Same forward: (T, B, I) input (or (B, T, I) with batch_first), unbatched (T, I), or a PackedSequence (sorted or

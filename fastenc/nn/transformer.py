@@ -22,7 +22,7 @@ import torch.nn.functional as TF
 from torch import Tensor
 
 from fastenc import functional as F
-from fastenc.nn._errors import ArgumentValueError
+from fastenc.nn._errors import ArgumentValueError, NotScriptable
 from fastenc.nn._swap import swap_classes
 from fastenc.nn.activation import check_dtype, check_masks
 from fastenc.nn.normalization import residual_layer_norm
@@ -62,7 +62,7 @@ def _packable(mask: Tensor | None, padding: Tensor | None, is_causal: bool) -> b
             and not torch.compiler.is_compiling())
 
 
-class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
+class TransformerEncoderLayer(NotScriptable, torch.nn.TransformerEncoderLayer):
     """Drop-in for `torch.nn.TransformerEncoderLayer` on fused attention and fused residual-add + LayerNorm.
 
     `padding_free=True`: with a bool src_key_padding_mask, padded positions are skipped and come out 0."""
@@ -129,7 +129,7 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
         return self.dropout2(self.linear2(h))
 
 
-class TransformerEncoder(torch.nn.TransformerEncoder):
+class TransformerEncoder(NotScriptable, torch.nn.TransformerEncoder):
     """Drop-in for `torch.nn.TransformerEncoder`; packs padded batches once for all its layers where padded
     outputs are 0: with `padding_free=True`, and where torch's own encoder would take its nested-tensor path.
 
