@@ -187,6 +187,18 @@ def test_dropout(attention_backend):
     compare_with_oracle(["out", "dq", "dk", "dv"], got, low, exact)
 
 
+def test_dropout_streams_of_seeds_and_heads_do_not_overlap(attention_backend, monkeypatch):
+    """Head 1 under seed s must not draw head 0's mask under seed s + 1: each (seed, head) has its own stream."""
+    name, device = attention_backend
+    q, k, v = _qkv(1, 2, 24, 40, 32, torch.float32, device, seed=5)
+    skip_unless_takes("attention", name, q, k, v, None, None, None, None, 24, 40, False, 1.0, 0.25, None)
+    masks = {}
+    for seed in (7, 8):
+        monkeypatch.setattr(F, "_dropout_seed", lambda p, seed=seed: torch.tensor(seed))
+        masks[seed] = _dropout_mask(name, device, 1, 2, 24, 40, 0.25, seed=0)
+    assert not torch.equal(masks[7][0, 1], masks[8][0, 0])
+
+
 def _pack(x, lengths):
     """(B, H, S, D) padded -> (T, H, D) packed tokens."""
     return torch.cat([x[i, :, :n].transpose(0, 1) for i, n in enumerate(lengths)])
