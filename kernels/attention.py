@@ -80,8 +80,10 @@ def _scores(q, k, rows, cols, b, h, seqlen_q, seqlen_k, qk_scale, Bias, KPM,
 
 @triton.jit
 def _dropout_keep(seed, bh, rows, cols, pitch, dropout_p):
-    """The same counter-based mask in forward and backward: one Philox stream per (sequence, head)."""
-    return tl.rand(seed + bh, rows[:, None] * pitch + cols[None, :]) >= dropout_p
+    """The same counter-based mask in forward and backward: one Philox stream per (sequence, head), keyed by a
+    seed drawn from the call's seed at counter bh, so that no two (seed, head) pairs share a stream (seed + bh
+    would give head h + 1 under seed s the mask of head h under seed s + 1)."""
+    return tl.rand(tl.randint(seed, bh), rows[:, None] * pitch + cols[None, :]) >= dropout_p
 
 
 @triton.autotune(configs=_configs([(128, 64), (128, 32), (64, 64), (64, 32)]), **_TUNING)
