@@ -6,6 +6,7 @@
   python -m bench --headline --budget 150   the GPU target shapes, starting no case after 150 s
   python -m bench --estimate --headline     what the GPU cases should take on an H200 (runs nothing)
   python -m bench --compare OLD.json NEW.json [--threshold 0.1] [--fail-on-regression]
+  python -m bench --resources               each kernel config's sm_90 registers, spills, shared memory
 """
 
 from __future__ import annotations
@@ -47,11 +48,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--list", action="store_true", help="list the cases that would run, and exit")
     p.add_argument("--estimate", action="store_true",
                    help="print the expected H200 time of each CUDA case (bench/estimates.py), and exit")
+    p.add_argument("--resources", action="store_true",
+                   help="compile every kernel config for sm_90 (no GPU needed) and write its registers, spills and "
+                        "shared memory to bench/results/sm90-resources.md (bench/resources.py), and exit")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.resources:
+        from bench import resources
+
+        return resources.main([f"--op={op}" for op in _comma_list(args.op) or []])
     from bench import report
 
     if args.compare:

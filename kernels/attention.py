@@ -8,10 +8,15 @@ log-sum-exp, with delta = rowsum(dO * O); dq and dk/dv come from two kernels, so
 
 Layouts: padded q (B, H, S_q, D) or packed tokens (T, H, D) with cu_seqlens (then the batch stride is 0 and
 each program offsets by its sequence's start). Head dims are padded to a power of two >= 16 with masked loads.
+
+Tuning: each kernel's autotuner times the configs its prune keeps for the head dim and dtype (a compile each, per
+key). FASTENC_AUTOTUNE=0 keeps only the first of them, for a correctness run on a GPU with little time.
+`python -m bench --resources` compiles every config for sm_90 and reports its registers, spills and shared memory.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -23,28 +28,97 @@ LOG2E = math.log2(math.e)
 _INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _configs(block_pairs):
-    """The autotuner's search space; the interpreter cannot time configs, so it gets one small tile."""
+# The tiles each kernel is tuned over: (BLOCK_M, BLOCK_N, num_warps[, num_stages]) by kernel, inputs (16-bit or
+# float32), flags ("masked": any of a bias, a key padding mask, dropout or causal; "plain": none) and head dim
+# (BLOCK_D up to 64, 128, 256). Each compiles for sm_90 without spilling registers, in triton 3.6 and 3.8, at its
+# worst argument specialization (a sequence length that is no multiple of 16: narrower loads), and with at most
+# 251 of the 255 registers a thread may have: at the cap, unrelated edits to this file (its line numbers) moved
+# ptxas from no spill to spilling. See `python -m bench --resources` (bench/results/sm90-resources.md; head dim
+# 256 measured in bf16 only). Both num_stages (2, 3) unless one is given.
+# What the measurements rule out: with masks, 4 warps cannot hold a 128-row tile's scores, accumulator and mask
+# terms, and at head dim 128 the forward and dQ kernels' score tiles (BLOCK_M x BLOCK_N) hold 4096 values at most
+# (and the forward's no fewer than 64 queries: 32-query tiles spilled in the packed layout, triton 3.6);
+# the dK/dV kernel keeps two (BLOCK_N x head dim) float32 accumulators besides its streamed tiles, so with masks it
+# gets 8 warps only. Float32 dots ("ieee") hold their operands in registers, so float32 gets small tiles, the same
+# with or without masks; its dK/dV at head dim 128 fits only the smallest, and that one at the register cap.
+# The first tile of a list is the one FASTENC_AUTOTUNE=0 runs.
+_TILES = {
+    ("forward", "16-bit", "plain", 64): [(128, 64, 4), (128, 64, 8), (128, 32, 4), (128, 32, 8), (64, 64, 4),
+                                         (64, 64, 8), (64, 32, 4), (64, 32, 8)],
+    ("forward", "16-bit", "plain", 128): [(128, 64, 8), (128, 32, 8), (64, 64, 4), (64, 64, 8), (64, 32, 4),
+                                          (64, 32, 8)],
+    ("forward", "16-bit", "masked", 64): [(128, 64, 8), (128, 32, 8), (64, 64, 4), (64, 64, 8), (64, 32, 4),
+                                          (64, 32, 8)],
+    ("forward", "16-bit", "masked", 128): [(64, 32, 8), (128, 16, 8), (64, 16, 8)],
+    ("forward", "16-bit", "plain", 256): [(64, 32, 8), (32, 64, 8, 2), (32, 32, 4), (64, 16, 8)],
+    ("forward", "16-bit", "masked", 256): [(32, 32, 8), (64, 16, 8)],
+    ("forward", "float32", "any", 64): [(64, 32, 8), (32, 32, 8), (16, 64, 4)],
+    ("forward", "float32", "any", 128): [(32, 64, 8), (16, 64, 4)],
+    ("dq", "16-bit", "plain", 64): [(128, 64, 8), (128, 32, 4), (128, 32, 8), (64, 64, 4), (64, 64, 8), (64, 32, 4),
+                                    (64, 32, 8)],
+    ("dq", "16-bit", "plain", 128): [(128, 64, 8), (128, 32, 8), (64, 64, 4), (64, 64, 8), (64, 32, 4),
+                                     (64, 32, 8)],
+    ("dq", "16-bit", "masked", 64): [(128, 64, 8), (128, 32, 8), (64, 64, 4), (64, 64, 8), (64, 32, 4),
+                                     (64, 32, 8)],
+    ("dq", "16-bit", "masked", 128): [(128, 32, 8), (64, 32, 8)],
+    ("dq", "16-bit", "plain", 256): [(64, 32, 8), (32, 64, 8), (32, 32, 4), (64, 16, 8)],
+    ("dq", "16-bit", "masked", 256): [(32, 64, 8), (32, 32, 8), (64, 16, 8)],
+    ("dq", "float32", "any", 64): [(64, 32, 8), (32, 32, 4), (32, 32, 8), (16, 32, 4)],
+    ("dq", "float32", "any", 128): [(32, 64, 8), (32, 32, 8), (16, 32, 4)],
+    ("dkdv", "16-bit", "plain", 64): [(64, 64, 4), (64, 64, 8), (32, 128, 8), (32, 64, 4), (32, 64, 8)],
+    ("dkdv", "16-bit", "plain", 128): [(32, 64, 8)],
+    ("dkdv", "16-bit", "masked", 64): [(32, 64, 8), (16, 128, 8), (64, 32, 8), (16, 64, 8), (32, 32, 8)],
+    ("dkdv", "16-bit", "masked", 128): [(16, 64, 8), (32, 32, 8)],
+    ("dkdv", "16-bit", "plain", 256): [(16, 32, 8), (32, 16, 8), (16, 16, 8)],
+    ("dkdv", "16-bit", "masked", 256): [(16, 32, 8), (16, 16, 8)],
+    ("dkdv", "float32", "any", 64): [(32, 16, 8, 2), (16, 16, 8, 2)],
+    ("dkdv", "float32", "any", 128): [(16, 16, 8)],
+}
+
+
+def _configs(kernel: str) -> list:
+    """The autotuner's search space: every tile of the kernel's lists, each with its num_stages; the interpreter
+    cannot time configs, so it gets one small tile."""
     if _INTERPRETER:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-        for m, n in block_pairs
-        for w in (4, 8)
-        for s in (2, 3)
-    ]
+    configs = {}
+    for (name, *_), tiles in _TILES.items():
+        if name != kernel:
+            continue
+        for m, n, warps, *stages in tiles:
+            for s in stages or (2, 3):
+                config = triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=s)
+                configs.setdefault((m, n, warps, s), config)
+    return list(configs.values())
 
 
-def _prune_for_head_dim(configs, named_args, **kwargs):
-    """Wide heads need smaller tiles to stay in registers (untuned guess until a GPU run measures it)."""
-    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-    kept = [c for c in configs if block_d <= 64 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64]
-    kept = [c for c in kept if block_d <= 128 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
-    return kept or configs[:1]
+def _autotuning() -> bool:
+    """FASTENC_AUTOTUNE=0: each autotuner runs the first config its prune keeps instead of timing them all."""
+    return os.environ.get("FASTENC_AUTOTUNE", "1").strip() != "0"
 
 
-_TUNING = dict(key=["BLOCK_D", "IS_CAUSAL", "HAS_BIAS", "HAS_DROPOUT"],
-               prune_configs_by={"early_config_prune": _prune_for_head_dim})
+def _fitting(kernel: str, configs, named_args, **kwargs) -> list:
+    """The autotuner's prune: the configs of the kernel's tiles for this call's inputs, flags and head dim, in the
+    list's order (the first is FASTENC_AUTOTUNE=0's). Not measured, so not known to fit: heads wider than 256 (they
+    take the 256 list) and float32 heads wider than 128 (the 128 list)."""
+    inputs = "float32" if named_args["Q"].dtype == torch.float32 else "16-bit"
+    masked = any(kwargs.get(flag) for flag in ("HAS_BIAS", "HAS_KPM", "HAS_DROPOUT", "IS_CAUSAL"))
+    flags = "any" if inputs == "float32" else "masked" if masked else "plain"
+    head = next((d for d in (64, 128) if kwargs["BLOCK_D"] <= d), 256)
+    order = {}
+    for m, n, warps, *stages in _TILES.get((kernel, inputs, flags, head)) or _TILES[(kernel, inputs, flags, 128)]:
+        for s in stages or (2, 3):
+            order[(m, n, warps, s)] = len(order)
+    tile = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)  # noqa: E731
+    kept = sorted((c for c in configs if tile(c) in order), key=lambda c: order[tile(c)])
+    return kept if _autotuning() else kept[:1]
+
+
+def _tuning(kernel: str) -> dict:
+    # Every flag is in the key: a config tuned without a mask must not be reused with one (it may not fit).
+    key = ["BLOCK_D", "IS_CAUSAL", "HAS_BIAS", "HAS_KPM", "HAS_DROPOUT", "IS_VARLEN"]
+    return dict(configs=_configs(kernel), key=key,
+                prune_configs_by={"early_config_prune": functools.partial(_fitting, kernel)})
 
 
 @triton.jit
@@ -86,7 +160,7 @@ def _dropout_keep(seed, bh, rows, cols, pitch, dropout_p):
     return tl.rand(tl.randint(seed, bh), rows[:, None] * pitch + cols[None, :]) >= dropout_p
 
 
-@triton.autotune(configs=_configs([(128, 64), (128, 32), (64, 64), (64, 32)]), **_TUNING)
+@triton.autotune(**_tuning("forward"))
 @triton.jit
 def _attention_forward_kernel(
     Q, K, V, Bias, KPM, CuQ, CuK, Out, Lse,
@@ -169,7 +243,7 @@ def _dropped(x, seed, bh, rows, cols, pitch, dropout_p, HAS_DROPOUT: tl.constexp
     return x
 
 
-@triton.autotune(configs=_configs([(64, 64), (32, 64), (64, 128), (32, 128)]), **_TUNING)
+@triton.autotune(**_tuning("dkdv"))
 @triton.jit
 def _attention_backward_dkdv_kernel(
     Q, K, V, Bias, KPM, CuQ, CuK, DO, Lse, Delta, DK, DV,
@@ -229,7 +303,7 @@ def _attention_backward_dkdv_kernel(
     tl.store(DV + v_off + dims[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
-@triton.autotune(configs=_configs([(64, 64), (128, 64), (64, 32), (128, 32)]), **_TUNING)
+@triton.autotune(**_tuning("dq"))
 @triton.jit
 def _attention_backward_dq_kernel(
     Q, K, V, Bias, KPM, CuQ, CuK, DO, Lse, Delta, DQ,

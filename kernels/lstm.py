@@ -276,10 +276,19 @@ def _persistent_by_default(batch: int, w_hh: torch.Tensor) -> bool:
     return batch <= PERSISTENT_MAX_BATCH and w_hh.numel() * w_hh.element_size() <= PERSISTENT_MAX_WEIGHT_BYTES
 
 
-def _blocks(batch: int, width: int, depth: int) -> tuple[int, int, int]:
-    """(BLOCK_B, BLOCK_N, BLOCK_K): at least 16 each (tl.dot's minimum), powers of two, capped for registers."""
+def _blocks(batch: int, width: int, depth: int, precision: str) -> tuple[int, int, int]:
+    """(BLOCK_B, BLOCK_N, BLOCK_K): at least 16 each (tl.dot's minimum), powers of two, capped for registers. A
+    float32 ("ieee") dot keeps its operand tiles in registers as float32, so its K tile is the minimum: deeper ones
+    spill on sm_90 with a 64-row batch tile (bench/results/sm90-resources.md)."""
     fit = lambda v, cap: min(cap, max(16, triton.next_power_of_2(v)))  # noqa: E731
-    return fit(batch, 64), fit(width, 32), fit(depth, 64)
+    return fit(batch, 64), fit(width, 32), fit(depth, 16 if precision == "ieee" else 64)
+
+
+def _launch_options(block_b: int) -> dict:
+    """num_warps and num_stages of every LSTM kernel for a batch tile: 8 warps for the 64-row tile, whose four
+    gate accumulators and operands spill on 4; 2 stages, since the K loops are a few steps deep and a third
+    buffer pushed the persistent forward into spilling (both on sm_90, bench/results/sm90-resources.md)."""
+    return dict(num_warps=8 if block_b >= 64 else 4, num_stages=2)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -309,28 +318,29 @@ def lstm_layer_forward(x, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse, 
     _, last, _ = row_maps(batch_sizes, len(plan), batch, reverse, gx.device)
     # The rows that start from h0 (all at the first step; new rows of a packed reverse pass) take this product.
     h0w = (h0.float() @ w_hh.float().t()).contiguous()
-    block_b, block_h, block_k = _blocks(batch, hidden, proj)
-    _, block_p, block_kr = _blocks(batch, proj, hidden)
     precision = _precision(gates_x.dtype)
+    block_b, block_h, block_k = _blocks(batch, hidden, proj, precision)
+    _, block_p, block_kr = _blocks(batch, proj, hidden, precision)
+    launch = _launch_options(block_b)
     # W_hh^T as M: M[k, j] = W_hh[j, k] (strides 1, P); W_hr^T likewise (strides 1, H).
     if _persistent_by_default(batch, w_hh) if persistent is None else persistent:
         _lstm_forward_persistent_kernel[(triton.cdiv(batch, block_b),)](
             torch.tensor(plan, dtype=torch.int32, device=gx.device), len(plan), gx, out, h0w, w_hh, c0, gates, cs, y,
             out if w_hr is None else w_hr, hidden, proj, 1, proj, HAS_PROJ=w_hr is not None,
             BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k, BLOCK_P=block_p, BLOCK_KR=block_kr,
-            DOT_PRECISION=precision,
+            DOT_PRECISION=precision, **launch,
         )
     else:
         for off, n, off_prev, n_prev, _, _ in plan:
             _lstm_forward_cell_kernel[(triton.cdiv(n, block_b), triton.cdiv(hidden, block_h))](
                 gx, out, h0w, w_hh, c0, gates, cs, y, off, n, off_prev, n_prev, hidden, proj, 1, proj,
-                BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k, DOT_PRECISION=precision,
+                BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k, DOT_PRECISION=precision, **launch,
             )
             if w_hr is not None:
                 _rows_times_kernel[(triton.cdiv(n, block_b), triton.cdiv(proj, block_p))](
                     y, w_hr, out, out, out, off, n, off, n, hidden, proj, hidden, 1, hidden,
                     HAS_ALT=False, HAS_ADD=False,
-                    BLOCK_B=block_b, BLOCK_N=block_p, BLOCK_K=block_kr, DOT_PRECISION=precision,
+                    BLOCK_B=block_b, BLOCK_N=block_p, BLOCK_K=block_kr, DOT_PRECISION=precision, **launch,
                 )
     if w_hr is not None:
         rs = (gates[:, 3 * hidden:] * torch.tanh(cs))  # r_t in float32 for dW_hr (y is rounded)
@@ -353,10 +363,11 @@ def lstm_layer_backward(d_out, d_hn, d_cn, x, h0, c0, w_ih, w_hh, w_hr, batch_si
     d_gx = torch.empty(total, 4 * hidden, dtype=out.dtype, device=out.device)
     d_h = d_gx  # with a projection: each step's dh_t, in float32
     plan = _plan(batch_sizes, lead[0], batch, reverse)
-    block_b, block_h, block_k4 = _blocks(batch, hidden, 4 * hidden)
-    _, block_p, _ = _blocks(batch, proj, 4 * hidden)
-    _, _, block_kp = _blocks(batch, hidden, proj)
     precision = _precision(out.dtype)
+    block_b, block_h, block_k4 = _blocks(batch, hidden, 4 * hidden, precision)
+    _, block_p, _ = _blocks(batch, proj, 4 * hidden, precision)
+    _, _, block_kp = _blocks(batch, hidden, proj, "ieee")  # dr_t's dot runs in float32 (see below)
+    launch = _launch_options(block_b)
     if w_hr is not None:
         w_hr = w_hr.contiguous()
         d_h = torch.empty(total, proj, dtype=torch.float32, device=out.device)
@@ -365,12 +376,12 @@ def lstm_layer_backward(d_out, d_hn, d_cn, x, h0, c0, w_ih, w_hh, w_hr, batch_si
             torch.tensor(plan, dtype=torch.int32, device=out.device), len(plan), d_gx, w_hh, d_hn, d_out, gates, cs,
             c0, dc, d_h, w_hh if w_hr is None else w_hr, hidden, proj, HAS_PROJ=w_hr is not None,
             BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_P=block_p, BLOCK_K4=block_k4, BLOCK_KP=block_kp,
-            DOT_PRECISION=precision,
+            DOT_PRECISION=precision, **launch,
         )
     else:
         for off, n, off_prev, n_prev, off_next, n_next in reversed(plan):
             grid = (triton.cdiv(n, block_b), triton.cdiv(hidden, block_h))
-            meta = dict(BLOCK_B=block_b, BLOCK_H=block_h)
+            meta = dict(BLOCK_B=block_b, BLOCK_H=block_h, **launch)
             if w_hr is None:
                 # dh_t = dout_t + da_{t+1} @ W_hh (rows active at t + 1), dh_n for the others; M = W_hh (4H, H).
                 _lstm_backward_cell_kernel[grid](
@@ -382,7 +393,7 @@ def lstm_layer_backward(d_out, d_hn, d_cn, x, h0, c0, w_ih, w_hh, w_hr, batch_si
                 _rows_times_kernel[(triton.cdiv(n, block_b), triton.cdiv(proj, block_p))](
                     d_gx, w_hh, d_hn, d_out, d_h, off_next, n_next, off, n, 4 * hidden, proj, 4 * hidden, proj, 1,
                     HAS_ALT=True, HAS_ADD=True,
-                    BLOCK_B=block_b, BLOCK_N=block_p, BLOCK_K=block_k4, DOT_PRECISION=precision,
+                    BLOCK_B=block_b, BLOCK_N=block_p, BLOCK_K=block_k4, DOT_PRECISION=precision, **launch,
                 )
                 # dr_t = dh_t @ W_hr; M = W_hr (P, H). dh_t is float32, so the dot runs in float32 (W_hr is cast).
                 _lstm_backward_cell_kernel[grid](

@@ -75,6 +75,14 @@ def test_widest_row(backend_device):
     _check(*_inputs((2, 65536), torch.float32, device), return_residual=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_rows_read_in_chunks(backend_device, dtype):
+    """Rows wider than a Triton block holds in registers (8192 in the backward, 16384 in the forward) are read in
+    chunks; 7 rows over 4 backward programs leave the last program's group one row short."""
+    _, device = backend_device
+    _check(*_inputs((7, 16411), dtype, device), return_residual=True)
+
+
 def test_very_wide_row_keeps_its_accuracy(backend_device):
     """A normalized_shape of a million elements, off-centre: the row sums must not drift with the row's length."""
     name, device = backend_device
