@@ -100,13 +100,32 @@ def _gradient_chunk(DY, XS, W, row, in_row, cols, mask, mean, rstd, stride_dy, s
 
 
 @triton.jit
+def _store_dx(DX, DS, row, in_row, cols, g, xhat, mean_g, mean_gx, rstd, stride_ds, N, acc_t: tl.constexpr,
+              HAS_DSUM: tl.constexpr):
+    """dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) at cols of the row (+ the sum's own gradient)."""
+    dx = (g - mean_g - xhat * mean_gx) * rstd
+    if HAS_DSUM:
+        dx += tl.load(DS + row * stride_ds + cols, mask=in_row, other=0.0).to(acc_t)
+    tl.store(DX + row * N + cols, dx.to(DX.dtype.element_ty), mask=in_row)
+
+
+@triton.jit
+def _store_partials(DW_PARTIAL, DB_PARTIAL, program, N, cols, mask, dw, db, HAS_WEIGHT: tl.constexpr,
+                    HAS_BIAS: tl.constexpr):
+    if HAS_WEIGHT:
+        tl.store(DW_PARTIAL + program * N + cols, dw, mask=mask)
+    if HAS_BIAS:
+        tl.store(DB_PARTIAL + program * N + cols, db, mask=mask)
+
+
+@triton.jit
 def _layer_norm_backward_kernel(
     DY, DS, XS, W, Mean, Rstd, DX, DW_PARTIAL, DB_PARTIAL, ROW_SUMS,
     stride_dy, stride_ds, stride_xs, M, N, rows_per_program,
     BLOCK_N: tl.constexpr, SPLIT_ROW: tl.constexpr, HAS_DSUM: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
 ):
-    # dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) along the row, g = dy * weight.
+    # g = dy * weight; dx needs mean(g) and mean(g * xhat) along the row (_store_dx).
     program = tl.program_id(0)
     acc_t = Mean.dtype.element_ty
     first = program.to(tl.int64) * rows_per_program
@@ -122,16 +141,11 @@ def _layer_norm_backward_kernel(
             rstd = tl.load(Rstd + row, mask=row < M, other=0.0)
             xhat, dy, g = _gradient_chunk(DY, XS, W, row, in_row, cols, mask, mean, rstd, stride_dy, stride_xs,
                                           acc_t, HAS_WEIGHT)
-            dx = (g - tl.sum(g, axis=0) / N - xhat * (tl.sum(g * xhat, axis=0) / N)) * rstd
-            if HAS_DSUM:
-                dx += tl.load(DS + row * stride_ds + cols, mask=in_row, other=0.0).to(acc_t)
-            tl.store(DX + row * N + cols, dx.to(DX.dtype.element_ty), mask=in_row)
+            _store_dx(DX, DS, row, in_row, cols, g, xhat, tl.sum(g, axis=0) / N, tl.sum(g * xhat, axis=0) / N,
+                      rstd, stride_ds, N, acc_t, HAS_DSUM)
             dw += dy * xhat
             db += dy
-        if HAS_WEIGHT:
-            tl.store(DW_PARTIAL + program * N + cols, dw, mask=mask)
-        if HAS_BIAS:
-            tl.store(DB_PARTIAL + program * N + cols, db, mask=mask)
+        _store_partials(DW_PARTIAL, DB_PARTIAL, program, N, cols, mask, dw, db, HAS_WEIGHT, HAS_BIAS)
     else:
         # The rows in BLOCK_N chunks, in two sweeps over the program's rows: each row's sum(g) and sum(g * xhat)
         # into ROW_SUMS, then chunk by chunk dx of every row and the chunk's dweight / dbias, summed in registers.
@@ -165,16 +179,10 @@ def _layer_norm_backward_kernel(
                                               acc_t, HAS_WEIGHT)
                 mean_g = tl.load(ROW_SUMS + 2 * row, mask=row < M, other=0.0) / N
                 mean_gx = tl.load(ROW_SUMS + 2 * row + 1, mask=row < M, other=0.0) / N
-                dx = (g - mean_g - xhat * mean_gx) * rstd
-                if HAS_DSUM:
-                    dx += tl.load(DS + row * stride_ds + cols, mask=in_row, other=0.0).to(acc_t)
-                tl.store(DX + row * N + cols, dx.to(DX.dtype.element_ty), mask=in_row)
+                _store_dx(DX, DS, row, in_row, cols, g, xhat, mean_g, mean_gx, rstd, stride_ds, N, acc_t, HAS_DSUM)
                 dw += dy * xhat
                 db += dy
-            if HAS_WEIGHT:
-                tl.store(DW_PARTIAL + program * N + cols, dw, mask=mask)
-            if HAS_BIAS:
-                tl.store(DB_PARTIAL + program * N + cols, db, mask=mask)
+            _store_partials(DW_PARTIAL, DB_PARTIAL, program, N, cols, mask, dw, db, HAS_WEIGHT, HAS_BIAS)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:

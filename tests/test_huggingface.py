@@ -36,7 +36,7 @@ def test_converted_minilm_matches_hugging_face(backend_device, tokens):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     assert fastenc.convert(model) is model
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
-    assert type(model.encoder.layer[0].output).__module__ == "fastenc._huggingface"
+    assert type(model.encoder.layer[0].output).__module__ == "fastenc.huggingface"
     with torch.no_grad():
         got = model(**batch).last_hidden_state
     used = backends.last_used()

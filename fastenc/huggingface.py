@@ -1,0 +1,190 @@
+"""Hugging Face transformers' encoders on fastenc's kernels (used by fastenc.convert; transformers is optional).
+
+Importing this module registers the "fastenc" attention implementation with transformers, so a model can also be
+loaded on it by name: `from_pretrained(..., attn_implementation="fastenc")` (attention only; `fastenc.convert`
+does that and the fusions below).
+
+Two changes, each keeping the model's weights and state_dict:
+- attention: every model whose attention goes through transformers' attention interface (BERT, RoBERTa,
+  XLM-RoBERTa, CamemBERT, ELECTRA, DistilBERT, ALBERT, ModernBERT, GTE, NomicBERT, EuroBERT, ...) is set to a
+  "fastenc" implementation, given the 2-D padding mask (as flash attention is), so padded keys are masked inside
+  the fused kernel rather than by a dense bias;
+- the BERT block's sub-layers, in every family whose code is BERT's own: SelfOutput / Output (dense -> dropout ->
+  residual add + LayerNorm) get the add fused into the LayerNorm, Intermediate (dense -> GELU / ReLU) the bias and
+  activation fused after the matrix product.
+MPNet's own attention code (a relative position bias per head) is fused too, the bias given to fastenc's
+attention as an additive mask. A model whose attention is other code of its own (DeBERTa's disentangled
+attention) keeps it, with a warning that names it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import textwrap
+import warnings
+
+import torch
+import torch.nn.functional as TF
+from transformers import activations
+from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+from transformers.modeling_utils import AttentionInterface, PreTrainedModel
+from transformers.models.bert import modeling_bert
+from transformers.models.mpnet import modeling_mpnet
+
+from fastenc import functional as F
+from fastenc.nn.normalization import residual_layer_norm
+
+IMPLEMENTATION = "fastenc"
+
+
+def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None, **kwargs):
+    """transformers' attention interface: q (B, H, S_q, D), k and v (B, H_kv, S_k, D) with H a multiple of H_kv;
+    attention_mask None, (B, S_k) with 1 = token (the flash mask function's), or a 4-D mask a model built itself
+    (bool, True = attend, or additive float); sliding_window w: query i sees keys j with |i - j| < w, as the
+    flash implementation's window (w - 1, w - 1)."""
+    if key.shape[1] != query.shape[1]:  # grouped-query attention: each key / value head serves a group
+        groups = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    padding = mask = None
+    if attention_mask is not None and attention_mask.dim() == 2:
+        padding = ~attention_mask.bool()
+    elif attention_mask is not None:
+        mask = attention_mask
+    s_q, s_k = query.shape[2], key.shape[2]
+    if sliding_window is not None and s_k > sliding_window - 1:
+        rows = torch.arange(s_k - s_q, s_k, device=query.device)[:, None]  # queries are the last s_q positions
+        band = (rows - torch.arange(s_k, device=query.device)).abs() < sliding_window
+        if mask is None:
+            mask = band
+        elif mask.dtype == torch.bool:
+            mask = mask & band
+        else:
+            mask = mask.masked_fill(~band, float("-inf"))
+    causal = bool(getattr(module, "is_causal", False)) and s_q > 1
+    out = F.attention(query, key, value, attn_mask=mask, key_padding_mask=padding, is_causal=causal,
+                      dropout_p=dropout, scale=scaling)
+    return out.transpose(1, 2), None
+
+
+AttentionInterface.register(IMPLEMENTATION, attention)
+AttentionMaskInterface.register(IMPLEMENTATION, flash_attention_mask)
+
+
+class _ResidualNormOutput(torch.nn.Module):
+    """forward of BERT's SelfOutput and Output with the residual add fused into the LayerNorm."""
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        return residual_layer_norm(self.LayerNorm, self.dropout(self.dense(hidden_states)), input_tensor)
+
+
+_FUSED_ACTIVATIONS = {
+    activations.GELUActivation: "gelu",
+    activations.GELUTanh: "gelu_tanh",
+    activations.NewGELUActivation: "gelu_tanh",
+    torch.nn.ReLU: "relu",
+}
+
+
+class _BiasActivationIntermediate(torch.nn.Module):
+    """forward of BERT's Intermediate with the bias and activation fused after the matrix product."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        activation = _FUSED_ACTIVATIONS.get(type(self.intermediate_act_fn))
+        if activation is None:
+            return super().forward(hidden_states)
+        h = TF.linear(hidden_states, self.dense.weight)
+        return F.bias_activation(h, self.dense.bias, activation)
+
+
+class _PositionBiasSelfAttention(torch.nn.Module):
+    """forward of MPNet's self-attention (q, k, v and o projections; scores + a relative position bias per head +
+    the additive padding mask) with the attention in one fused op, the bias and mask given as an additive float
+    mask. The bias is learned: where its gradient is wanted, torch's scaled_dot_product_attention (which
+    differentiates its mask) runs instead."""
+
+    _fastenc_attention = True
+
+    def forward(self, hidden_states, attention_mask=None, position_bias=None, output_attentions=False, **kwargs):
+        if output_attentions:  # the probabilities are an output: only the unfused code has them
+            return super().forward(hidden_states, attention_mask, position_bias, output_attentions, **kwargs)
+        shape = (*hidden_states.shape[:-1], -1, self.attention_head_size)
+        q, k, v = (proj(hidden_states).view(shape).transpose(1, 2) for proj in (self.q, self.k, self.v))
+        bias = position_bias
+        if attention_mask is not None:
+            bias = attention_mask if bias is None else bias + attention_mask
+        dropout = self.dropout.p if self.training else 0.0
+        if bias is not None and bias.requires_grad and torch.is_grad_enabled():
+            c = TF.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout)
+        else:
+            c = F.attention(q, k, v, attn_mask=bias, dropout_p=dropout)
+        return (self.o(c.transpose(1, 2).flatten(2)),)
+
+
+def _source(function) -> str:
+    return textwrap.dedent(inspect.getsource(function))
+
+
+# A family's module is fused when its forward is, token for token, one of these (transformers copies BERT's blocks
+# into most encoder families); anything else (pre-LayerNorm variants, adapters) is left as it is.
+_FUSIONS = {
+    _source(modeling_bert.BertSelfOutput.forward): _ResidualNormOutput,
+    _source(modeling_bert.BertIntermediate.forward): _BiasActivationIntermediate,
+    _source(modeling_mpnet.MPNetSelfAttention.forward): _PositionBiasSelfAttention,
+}
+_fused_classes: dict[type, type] = {}
+
+
+def _fused_class(cls: type) -> type | None:
+    """The fused subclass of a transformers module class, or None if its forward is not one of BERT's."""
+    if cls in _fused_classes:
+        return _fused_classes[cls]
+    fused = None
+    if cls.__module__.startswith("transformers.models.") and "forward" in vars(cls):
+        try:
+            fusion = _FUSIONS.get(_source(cls.forward))
+        except (OSError, TypeError):  # no source to compare (a frozen or compiled module)
+            fusion = None
+        if fusion is not None:
+            # Named as the original and found in this module, so a pickled model loads (see __getattr__).
+            fused = type(cls.__name__, (fusion, cls), {"__module__": __name__, "__qualname__": cls.__name__})
+            globals()[cls.__name__] = fused
+    _fused_classes[cls] = fused
+    return fused
+
+
+def __getattr__(name: str) -> type:
+    """A fused class not made yet in this process, for unpickling: made from the transformers class of that name,
+    whose module the pickled model's own class has imported by then."""
+    for module_name, module in list(sys.modules.items()):
+        # Only modules already imported, read without getattr: transformers' lazy packages import on access.
+        is_modeling = module_name.startswith("transformers.models.") and ".modeling_" in module_name
+        original = vars(module).get(name) if is_modeling else None
+        if isinstance(original, type):
+            fused = _fused_class(original)
+            if fused is not None:
+                return fused
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def convert(model: torch.nn.Module) -> bool:
+    """Convert the transformers models and modules in `model`; True if there were any. Warns, naming them, for
+    the models whose attention stays on their own code."""
+    found = False
+    for sub in model.modules():
+        fused = _fused_class(type(sub))
+        if fused is not None:
+            sub.__class__ = fused
+            found = True
+        if isinstance(sub, PreTrainedModel) and getattr(sub, "_supports_attention_backend", False):
+            sub.set_attn_implementation(IMPLEMENTATION)
+            found = True
+    # A model reached by neither route: its attention is code of its own (DeBERTa's disentangled attention, ...).
+    left = [type(sub).__name__ for sub in model.modules()
+            if isinstance(sub, PreTrainedModel) and not getattr(sub, "_supports_attention_backend", False)
+            and not any(getattr(m, "_fastenc_attention", False) for m in sub.modules())]
+    if left:
+        warnings.warn(f"fastenc.convert: the attention of {', '.join(dict.fromkeys(left))} is the model's own "
+                      f"code, not transformers' attention interface, so it stays on torch (the LayerNorms and "
+                      f"BERT-style sub-layers are converted)", stacklevel=3)
+    return found
