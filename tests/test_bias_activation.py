@@ -264,6 +264,22 @@ def test_native_gelu_accuracy(native):
     assert (_ulps(dx, grad, torch.maximum(grad.abs(), s)) <= 8 + 5 * v.abs()).all()
 
 
+def test_native_far_tails(native):
+    """Past |z| = 12.8 (GELU) and v = 87 (gelu_tanh's sigmoid) the native kernels flush tails below ~1e-35 to 0
+    rather than compute in subnormal floats: values and gradients stay within 1e-30 of float64 (and exact where
+    the activation is z or 0), with inputs as large as a linear layer's outputs get."""
+    z = torch.cat([torch.linspace(-300, -12, 2001), torch.linspace(12, 300, 2001)]).reshape(1, -1)
+    ones = torch.ones_like(z)
+    for activation in ("gelu", "gelu_tanh"):
+        zd = z.double().requires_grad_()
+        want = _torch64(activation, zd)
+        (grad,) = torch.autograd.grad(want, zd, torch.ones_like(want))
+        y = native.bias_activation_forward(z, None, activation, 0.0, None)
+        dx, _ = native.bias_activation_backward(ones, z, None, activation, 0.0, None)
+        torch.testing.assert_close(y.double(), want.detach(), atol=1e-30, rtol=2e-7)
+        torch.testing.assert_close(dx.double(), grad, atol=1e-30, rtol=2e-7)
+
+
 def test_native_special_values(native):
     """inf and NaN come out as torch's: NaN in, NaN out; gelu(-inf) is NaN (-inf * 0), as torch has it."""
     x = SPECIAL.reshape(1, -1)

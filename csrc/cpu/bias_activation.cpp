@@ -160,14 +160,19 @@ FASTENC_INLINE float erfc_f32(float x) {
   return x < 0 ? reflected : q;
 }
 
+// Past this |z|, Phi's tail and the density (below 2^-118) are flushed to 0: the products that would follow go
+// subnormal, which x86 computes ~100x slower, and a linear layer's outputs reach such values often.
+constexpr float kTailFlush = 12.8f;
+
 // Phi(z), the standard normal CDF, and its density. Phi comes from the tail Q on both sides: no 1 + erf(z / sqrt2)
-// to cancel for negative z, so GELU's left tail keeps its relative accuracy.
+// to cancel for negative z, so GELU's left tail keeps its relative accuracy (down to the flush above).
 FASTENC_INLINE void normal_cdf(float z, float& cdf, float& density) {
   float w = z < 0 ? -z : z;
-  w = w > 16.f ? 16.f : w;  // Q(16) underflows float32
+  const bool flushed = w > kTailFlush;  // NaN is not flushed: it passes through
+  w = flushed ? kTailFlush : w;
   float hi, lo;
   neg_square(w, 0.5f, hi, lo);
-  const float e = exp_pair(hi, lo);
+  const float e = flushed ? 0.f : exp_pair(hi, lo);
   const float lower = 0.5f * upper_tail(w, e);
   const float upper = 1.f - lower;
   cdf = z < 0 ? lower : upper;
@@ -175,11 +180,13 @@ FASTENC_INLINE void normal_cdf(float z, float& cdf, float& density) {
 }
 
 // sigmoid(v) = 1 / (1 + e^-v) = (1 + tanh(v / 2)) / 2, and its derivative s (1 - s), computed as s (s e^-v) to
-// keep its relative accuracy where s is near 1. For e^-v past 2^127, s is 0 (the true value is below 2^-127).
+// keep its relative accuracy where s is near 1. For e^-v past 2^127, s is 0 (the true value is below 2^-127);
+// below 2^-125 it is flushed to 0 (s = 1, ds = 0), as the tail above, so nothing goes subnormal.
 FASTENC_INLINE void sigmoid(float v, float& s, float& ds) {
   const float a = -v;
   const bool vanishes = a > 88.f;
-  const float e = exp_pair(vanishes ? 88.f : a, 0.f);
+  const bool saturates = a < -87.f;
+  const float e = saturates ? 0.f : exp_pair(vanishes ? 88.f : a, 0.f);
   const float inverse = 1.f / (1.f + e);
   s = vanishes ? 0.f : inverse;
   ds = s * (s * e);

@@ -20,7 +20,8 @@
 namespace fastenc {
 namespace {
 
-constexpr int64_t kLanes = 8;
+// Four AVX-512 registers of float32: an add's latency is hidden behind the three other chains.
+constexpr int64_t kLanes = 64;
 // Rows handed to a thread at least: ~32K elements, so small problems are not split into tiny chunks.
 constexpr int64_t kGrainElements = 32768;
 
@@ -41,8 +42,10 @@ FASTENC_INLINE acc_t blocked_row_sum(int64_t n, Term term) {
     for (; j + kLanes <= end; j += kLanes) {
       for (int64_t k = 0; k < kLanes; ++k) lane[k] += term(j + k);
     }
-    acc_t block = 0;
-    for (int64_t k = 0; k < kLanes; ++k) block += lane[k];
+    for (int64_t width = kLanes / 2; width > 0; width /= 2) {  // pairwise, so the wide halves stay vector adds
+      for (int64_t k = 0; k < width; ++k) lane[k] += lane[k + width];
+    }
+    acc_t block = lane[0];
     for (; j < end; ++j) block += term(j);
     total += block;
   }
@@ -50,13 +53,13 @@ FASTENC_INLINE acc_t blocked_row_sum(int64_t n, Term term) {
 }
 
 template <typename acc_t>
-acc_t row_sum(const acc_t* v, int64_t n) {
+FASTENC_INLINE acc_t row_sum(const acc_t* v, int64_t n) {
   return blocked_row_sum<acc_t>(n, [v](int64_t j) __attribute__((always_inline)) { return v[j]; });
 }
 
 // Sum of squared deviations from `mean` (the second pass of a two-pass variance).
 template <typename acc_t>
-acc_t row_sum_sq_dev(const acc_t* v, acc_t mean, int64_t n) {
+FASTENC_INLINE acc_t row_sum_sq_dev(const acc_t* v, acc_t mean, int64_t n) {
   return blocked_row_sum<acc_t>(n, [v, mean](int64_t j) __attribute__((always_inline)) {
     const acc_t d = v[j] - mean;
     return d * d;
@@ -65,7 +68,7 @@ acc_t row_sum_sq_dev(const acc_t* v, acc_t mean, int64_t n) {
 
 // y = (v - mean) * rstd [* w] [+ b], written in scalar_t; the four cases are separate loops so each vectorises.
 template <bool kWeight, bool kBias, typename scalar_t, typename acc_t>
-void normalize_row(const acc_t* v, const acc_t* w, const acc_t* b, acc_t mean, acc_t rstd, scalar_t* y, int64_t n) {
+FASTENC_INLINE void normalize_row(const acc_t* v, const acc_t* w, const acc_t* b, acc_t mean, acc_t rstd, scalar_t* y, int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
     acc_t out = (v[j] - mean) * rstd;
     if constexpr (kWeight) out *= w[j];
@@ -75,7 +78,7 @@ void normalize_row(const acc_t* v, const acc_t* w, const acc_t* b, acc_t mean, a
 }
 
 template <typename scalar_t, typename acc_t>
-void normalize_row(const acc_t* v, const acc_t* w, const acc_t* b, acc_t mean, acc_t rstd, scalar_t* y, int64_t n) {
+FASTENC_INLINE void normalize_row(const acc_t* v, const acc_t* w, const acc_t* b, acc_t mean, acc_t rstd, scalar_t* y, int64_t n) {
   if (w && b) {
     normalize_row<true, true>(v, w, b, mean, rstd, y, n);
   } else if (w) {
@@ -87,42 +90,61 @@ void normalize_row(const acc_t* v, const acc_t* w, const acc_t* b, acc_t mean, a
   }
 }
 
+// Rows [begin, end); `scratch` holds n op-math values.
+template <typename scalar_t, typename acc_t>
+FASTENC_INLINE void forward_rows(const scalar_t* x, const scalar_t* residual, const acc_t* w, const acc_t* b,
+                                 scalar_t* y, scalar_t* sum, acc_t* mean_out, acc_t* rstd_out, int64_t n, acc_t eps,
+                                 int64_t begin, int64_t end, acc_t* scratch) {
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t off = row * n;
+    const scalar_t* xr = x + off;
+    const acc_t* v = scratch;
+    if (residual) {
+      // Round the sum to scalar_t as torch's `x + residual` would, then normalise the rounded value.
+      const scalar_t* rr = residual + off;
+      acc_t* dst = scratch;
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        if (sum) dst = sum + off;  // float / double: the stored sum row doubles as the scratch row
+        for (int64_t j = 0; j < n; ++j) dst[j] = xr[j] + rr[j];
+      } else {
+        scalar_t* sr = sum ? sum + off : nullptr;
+        for (int64_t j = 0; j < n; ++j) {
+          const scalar_t s = static_cast<scalar_t>(static_cast<acc_t>(xr[j]) + static_cast<acc_t>(rr[j]));
+          dst[j] = static_cast<acc_t>(s);
+          if (sr) sr[j] = s;
+        }
+      }
+      v = dst;
+    } else if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      v = xr;
+    } else {
+      for (int64_t j = 0; j < n; ++j) scratch[j] = static_cast<acc_t>(xr[j]);
+    }
+    const acc_t mean = row_sum(v, n) / static_cast<acc_t>(n);
+    const acc_t var = row_sum_sq_dev(v, mean, n) / static_cast<acc_t>(n);
+    const acc_t rstd = acc_t(1) / std::sqrt(var + eps);
+    mean_out[row] = mean;
+    rstd_out[row] = rstd;
+    normalize_row(v, w, b, mean, rstd, y + off, n);
+  }
+}
+
+// The float32 rows, multi-versioned (target_clones does not apply to templates); other dtypes run the template.
+FASTENC_CPU_CLONES void forward_rows_f32(const float* x, const float* residual, const float* w, const float* b,
+                                         float* y, float* sum, float* mean_out, float* rstd_out, int64_t n, float eps,
+                                         int64_t begin, int64_t end, float* scratch) {
+  forward_rows(x, residual, w, b, y, sum, mean_out, rstd_out, n, eps, begin, end, scratch);
+}
+
 template <typename scalar_t, typename acc_t>
 void forward_kernel(const scalar_t* x, const scalar_t* residual, const acc_t* w, const acc_t* b, scalar_t* y,
                     scalar_t* sum, acc_t* mean_out, acc_t* rstd_out, int64_t m, int64_t n, acc_t eps) {
   at::parallel_for(0, m, row_grain(n), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> scratch(n);
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t off = row * n;
-      const scalar_t* xr = x + off;
-      const acc_t* v = scratch.data();
-      if (residual) {
-        // Round the sum to scalar_t as torch's `x + residual` would, then normalise the rounded value.
-        const scalar_t* rr = residual + off;
-        acc_t* dst = scratch.data();
-        if constexpr (std::is_same_v<scalar_t, acc_t>) {
-          if (sum) dst = sum + off;  // float / double: the stored sum row doubles as the scratch row
-          for (int64_t j = 0; j < n; ++j) dst[j] = xr[j] + rr[j];
-        } else {
-          scalar_t* sr = sum ? sum + off : nullptr;
-          for (int64_t j = 0; j < n; ++j) {
-            const scalar_t s = static_cast<scalar_t>(static_cast<acc_t>(xr[j]) + static_cast<acc_t>(rr[j]));
-            dst[j] = static_cast<acc_t>(s);
-            if (sr) sr[j] = s;
-          }
-        }
-        v = dst;
-      } else if constexpr (std::is_same_v<scalar_t, acc_t>) {
-        v = xr;
-      } else {
-        for (int64_t j = 0; j < n; ++j) scratch[j] = static_cast<acc_t>(xr[j]);
-      }
-      const acc_t mean = row_sum(v, n) / static_cast<acc_t>(n);
-      const acc_t var = row_sum_sq_dev(v, mean, n) / static_cast<acc_t>(n);
-      const acc_t rstd = acc_t(1) / std::sqrt(var + eps);
-      mean_out[row] = mean;
-      rstd_out[row] = rstd;
-      normalize_row(v, w, b, mean, rstd, y + off, n);
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      forward_rows_f32(x, residual, w, b, y, sum, mean_out, rstd_out, n, eps, begin, end, scratch.data());
+    } else {
+      forward_rows(x, residual, w, b, y, sum, mean_out, rstd_out, n, eps, begin, end, scratch.data());
     }
   });
 }
