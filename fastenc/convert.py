@@ -25,7 +25,7 @@ def convert(model: torch.nn.Module, *, padding_free: bool = False) -> torch.nn.M
     if any(type(m).__module__.startswith("transformers.") for m in model.modules()):
         from fastenc import huggingface  # transformers is an optional dependency
 
-        huggingface.convert(model)
+        huggingface.convert(model, padding_free)
     swap_classes(model)
     if padding_free:
         from fastenc.nn.transformer import TransformerEncoder, TransformerEncoderLayer

@@ -11,7 +11,7 @@ Two changes, each keeping the model's weights and state_dict:
   the fused kernel rather than by a dense bias;
 - the BERT block's sub-layers, in every family whose code is BERT's own: SelfOutput / Output (dense -> dropout ->
   residual add + LayerNorm) get the add fused into the LayerNorm, Intermediate (dense -> GELU / ReLU) the bias and
-  activation fused after the matrix product.
+  activation fused after the matrix product; with padding_free, the encoder runs on packed tokens.
 MPNet's own attention code (a relative position bias per head) is fused too, the bias given to fastenc's
 attention as an additive mask. A model whose attention is other code of its own (DeBERTa's disentangled
 attention) keeps it, with a warning that names it.
@@ -38,14 +38,25 @@ from fastenc.nn.normalization import residual_layer_norm
 IMPLEMENTATION = "fastenc"
 
 
-def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None, **kwargs):
+def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
+              cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None, max_length_k=None, **kwargs):
     """transformers' attention interface: q (B, H, S_q, D), k and v (B, H_kv, S_k, D) with H a multiple of H_kv;
     attention_mask None, (B, S_k) with 1 = token (the flash mask function's), or a 4-D mask a model built itself
     (bool, True = attend, or additive float); sliding_window w: query i sees keys j with |i - j| < w, as the
-    flash implementation's window (w - 1, w - 1)."""
+    flash implementation's window (w - 1, w - 1). With cu_seq_lens_q / _k (flash attention's packed form, which
+    the padding-free encoders below pass): B is 1 and the sequences lie end to end."""
     if key.shape[1] != query.shape[1]:  # grouped-query attention: each key / value head serves a group
         groups = query.shape[1] // key.shape[1]
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    causal = bool(getattr(module, "is_causal", False)) and query.shape[2] > 1
+    if cu_seq_lens_q is not None:
+        if sliding_window is not None or attention_mask is not None or query.shape[0] != 1:
+            raise NotImplementedError("fastenc's packed attention takes one row of packed sequences, without a "
+                                      "sliding window or an attention mask")
+        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, H, D)
+        out = F.attention_varlen(q, k, v, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k,
+                                 dropout_p=dropout, is_causal=causal, scale=scaling)
+        return out[None], None
     padding = mask = None
     if attention_mask is not None and attention_mask.dim() == 2:
         padding = ~attention_mask.bool()
@@ -61,7 +72,6 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
             mask = mask & band
         else:
             mask = mask.masked_fill(~band, float("-inf"))
-    causal = bool(getattr(module, "is_causal", False)) and s_q > 1
     out = F.attention(query, key, value, attn_mask=mask, key_padding_mask=padding, is_causal=causal,
                       dropout_p=dropout, scale=scaling)
     return out.transpose(1, 2), None
@@ -121,6 +131,28 @@ class _PositionBiasSelfAttention(torch.nn.Module):
         return (self.o(c.transpose(1, 2).flatten(2)),)
 
 
+class _PackedEncoder(torch.nn.Module):
+    """BERT's encoder on packed tokens, for models converted with padding_free=True: the real tokens of a padded
+    batch are packed into one row once, every layer runs on them alone (the attention in its packed form), and the
+    result is unpacked with 0 at the padded positions (their values are discarded by pooling and token heads)."""
+
+    fastenc_padding_free = False
+
+    def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
+        plain = not args and all(kwargs.get(name) is None for name in ("encoder_hidden_states", "cache"))
+        if not (self.fastenc_padding_free and plain and attention_mask is not None and attention_mask.dim() == 2):
+            return super().forward(hidden_states, attention_mask, *args, **kwargs)
+        tokens = attention_mask.bool()
+        lengths = tokens.sum(1, dtype=torch.int32)
+        cu_seqlens = TF.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+        longest = int(lengths.max())
+        out = super().forward(hidden_states[tokens][None], None, cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens,
+                              max_length_q=longest, max_length_k=longest, **kwargs)
+        out.last_hidden_state = hidden_states.new_zeros(hidden_states.shape).masked_scatter(
+            tokens[..., None], out.last_hidden_state[0])
+        return out
+
+
 def _source(function) -> str:
     return textwrap.dedent(inspect.getsource(function))
 
@@ -131,6 +163,7 @@ _FUSIONS = {
     _source(modeling_bert.BertSelfOutput.forward): _ResidualNormOutput,
     _source(modeling_bert.BertIntermediate.forward): _BiasActivationIntermediate,
     _source(modeling_mpnet.MPNetSelfAttention.forward): _PositionBiasSelfAttention,
+    _source(modeling_bert.BertEncoder.forward): _PackedEncoder,
 }
 _fused_classes: dict[type, type] = {}
 
@@ -167,15 +200,18 @@ def __getattr__(name: str) -> type:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def convert(model: torch.nn.Module) -> bool:
-    """Convert the transformers models and modules in `model`; True if there were any. Warns, naming them, for
-    the models whose attention stays on their own code."""
+def convert(model: torch.nn.Module, padding_free: bool = False) -> bool:
+    """Convert the transformers models and modules in `model`; True if there were any. padding_free: BERT-style
+    encoders run on packed tokens (0 at padded positions). Warns, naming them, for the models whose attention
+    stays on their own code."""
     found = False
     for sub in model.modules():
         fused = _fused_class(type(sub))
         if fused is not None:
             sub.__class__ = fused
             found = True
+        if isinstance(sub, _PackedEncoder):
+            sub.fastenc_padding_free = padding_free
         if isinstance(sub, PreTrainedModel) and getattr(sub, "_supports_attention_backend", False):
             sub.set_attn_implementation(IMPLEMENTATION)
             found = True

@@ -111,19 +111,7 @@ def test_converted_family_matches_eager(backend_device, family, case):
     padding_side, dtype = CASES[case]
     if (name == "triton") != (case in TRITON_CASES) and (name == "triton" or dtype == torch.float16):
         pytest.skip(f"{case} runs on {'the other backends' if name == 'triton' else 'the triton backend'}")
-    eager = _model(family, FAMILIES[family]).to(device, dtype)
-    oracle = copy.deepcopy(eager).double()
-    converted = copy.deepcopy(eager)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a family the conversion reaches converts without a warning
-        assert fastenc.convert(converted) is converted
-    ids, mask = (t.to(device) for t in _batch(padding_side))
-    names, want = _outputs_and_grads(eager, ids, mask)
-    _, exact = _oracle(oracle, ids, mask)
-    got_names, got = _outputs_and_grads(converted, ids, mask)
-    assert got_names == names
-    for n, a, t, o in zip(names, got, want, exact):
-        assert_close_to_oracle(f"{family} {n}", a, o, t)
+    converted = _converted_matches_eager(family, device, dtype, padding_side)
     # Inference runs every op on fastenc (in training MPNet's learned position bias takes torch's attention).
     backends._last_used.clear()
     with torch.no_grad():
@@ -141,6 +129,41 @@ def test_bert_blocks_are_fused_where_they_are_berts_code(family):
     model = fastenc.convert(_model(family, FAMILIES[family]))
     fused = sorted(type(m).__name__ for m in model.modules() if type(m).__module__ == "fastenc.huggingface")
     assert bool(fused) == (family in BERT_BLOCKS), fused
+
+
+def _converted_matches_eager(family, device, dtype, padding_side, padding_free=False):
+    """The converted model's outputs at real tokens and parameter gradients against HF's eager attention (with
+    the float64 oracle); returns the converted model."""
+    eager = _model(family, FAMILIES[family]).to(device, dtype)
+    oracle = copy.deepcopy(eager).double()
+    converted = copy.deepcopy(eager)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a family the conversion reaches converts without a warning
+        assert fastenc.convert(converted, padding_free=padding_free) is converted
+    ids, mask = (t.to(device) for t in _batch(padding_side))
+    names, want = _outputs_and_grads(eager, ids, mask)
+    _, exact = _oracle(oracle, ids, mask)
+    got_names, got = _outputs_and_grads(converted, ids, mask)
+    assert got_names == names
+    for n, a, t, o in zip(names, got, want, exact):
+        assert_close_to_oracle(f"{family} {n}", a, o, t)
+    return converted
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+@pytest.mark.parametrize("family", sorted(BERT_BLOCKS - {"mpnet"}))
+def test_padding_free_family_matches_eager(backend_device, family, padding_side):
+    """padding_free=True: the encoder runs on packed tokens (the padded attention never runs)."""
+    name, device = backend_device
+    if name == "triton" and padding_side == "left":
+        pytest.skip("the interpreter is slow: triton runs one padding side")
+
+    def padded_attention(*args, **kwargs):
+        raise AssertionError("the padded attention ran")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fastenc.functional, "attention", padded_attention)
+        _converted_matches_eager(family, device, torch.float32, padding_side, padding_free=True)
 
 
 @pytest.mark.parametrize("family", sorted(OWN_ATTENTION))

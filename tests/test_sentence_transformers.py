@@ -41,10 +41,12 @@ def _ran_on_fastenc(ops=("attention", "layer_norm", "bias_activation")):
     assert all(op in used for op in ops), used
 
 
-def test_converted_sentence_transformer_encodes_the_same_vectors():
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_converted_sentence_transformer_encodes_the_same_vectors(padding_free):
+    """Mean pooling reads real tokens only, so the padding-free encoder (0 at padded positions) gives them too."""
     model = _sentence_transformer()
     expected = model.encode(TEXTS, convert_to_tensor=True, batch_size=3)
-    converted = fastenc.convert(copy.deepcopy(model))
+    converted = fastenc.convert(copy.deepcopy(model), padding_free=padding_free)
     assert not backends.last_used()
     got = converted.encode(TEXTS, convert_to_tensor=True, batch_size=3)
     _ran_on_fastenc()
