@@ -65,6 +65,7 @@ class OpBench:
     x_axis: tuple[str, Callable[[dict], float]]  # the size plotted on the x axis: (label, value of params)
     # Further peers users might pick instead (e.g. SDPA per backend, cuDNN LSTM): name -> torch-only function.
     extra_peers: dict[str, Callable[[dict[str, Tensor]], Tensor]] = dataclasses.field(default_factory=dict)
+    compiled_peer: bool = True  # torch.compile of torch_fn as a peer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -533,6 +534,99 @@ ENCODER = register(OpBench(
     work=_encoder_work,
     x_axis=("real tokens × layers", lambda p: sum(_encoder_tokens(p)) * p["L"]),
     extra_peers={"hf.bert.sdpa": _encoder_bert_sdpa},
+))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# hf_encoder: Hugging Face encoder families as users load them (a random-weight model of a common size from the
+# family's own config class), converted with fastenc.convert(padding_free=True) against the same model on
+# transformers' sdpa attention (eager for MPNet, which has no sdpa path). Inputs are embeddings (B, S, d): the
+# embedding lookup is the same for both. fwd+bwd differentiates the embeddings only, not the weights. Work is
+# counted as BERT's (ff = 4 d; ModernBERT's gated feed-forward and DistilBERT's layout differ a little).
+# ---------------------------------------------------------------------------------------------------------------
+
+HF_FAMILIES = ("bert", "roberta", "electra", "distilbert", "mpnet", "modernbert")
+_HF_MODELS: dict[tuple, torch.nn.Module] = {}
+
+
+def _hf_config(family: str, d: int, layers: int):
+    from transformers import AutoConfig
+
+    heads = d // ENCODER_HEAD_DIM
+    if family == "distilbert":
+        kwargs = dict(dim=d, n_heads=heads, hidden_dim=4 * d, n_layers=layers, dropout=0.0, attention_dropout=0.0)
+    else:
+        kwargs = dict(hidden_size=d, num_attention_heads=heads, intermediate_size=4 * d, num_hidden_layers=layers,
+                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    if family == "modernbert":  # its local layers see 64 tokens each side, every third layer is global
+        kwargs.update(pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2,
+                      local_attention=128)
+    return AutoConfig.for_model(family, vocab_size=64, max_position_embeddings=1024, **kwargs)
+
+
+def _hf_model(kind: str, params: dict, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """The family's model, seeded so that every kind and dtype has the same weights; kind "fastenc" converted."""
+    key = (kind, params["family"], params["d"], params["L"], dtype, device)
+    if key not in _HF_MODELS:
+        import fastenc
+        from transformers import AutoModel
+
+        family = params["family"]
+        torch.manual_seed(0)
+        attn = "eager" if family == "mpnet" else "sdpa"
+        model = AutoModel.from_config(_hf_config(family, params["d"], params["L"]), attn_implementation=attn)
+        model = model.to(device=device, dtype=dtype).eval()
+        _HF_MODELS[key] = fastenc.convert(model, padding_free=True) if kind == "fastenc" else model
+    return _HF_MODELS[key]
+
+
+def _hf_inputs(params: dict, dtype: torch.dtype, device: torch.device, gen: torch.Generator) -> dict:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise RuntimeError("transformers is not installed (pip install .[hf])") from None
+    # The family and depth travel with the inputs (as numbers: the float64 oracle gets float64 copies of them).
+    inputs = {"embeds": _randn((params["B"], params["S"], params["d"]), dtype, device, gen),
+              "family": torch.tensor(HF_FAMILIES.index(params["family"])), "layers": torch.tensor(params["L"])}
+    lengths = _padded_lengths(params)
+    if lengths is not None:
+        inputs["lengths"] = lengths.to(device)
+    return inputs
+
+
+def _hf_run(kind: str) -> Callable[[dict], Tensor]:
+    def run(t: dict) -> Tensor:
+        x = t["embeds"]
+        params = dict(family=HF_FAMILIES[int(t["family"])], d=x.shape[-1], L=int(t["layers"]))
+        padding = None if "lengths" not in t else torch.arange(x.shape[1], device=x.device) >= t["lengths"][:, None]
+        mask = None if padding is None else (~padding).long()
+        out = _hf_model(kind, params, x.dtype, x.device)(inputs_embeds=x, attention_mask=mask).last_hidden_state
+        return _zero_padding(out, padding)
+    return run
+
+
+HF_ENCODER = register(OpBench(
+    name="hf_encoder",
+    bound="compute",
+    modes=(FWD, FWD_BWD),
+    # One size for every family (d 384, 6 heads of 64, ff 1536, 2 layers; BERT-base on CUDA), on fixed lengths and
+    # on lengths uniform in [S/4, S], which the padding-free path does not compute.
+    shapes={
+        "cuda": [dict(family=f, B=32, S=512, d=768, ff=3072, L=2, min_len=low) for f in HF_FAMILIES
+                 for low in (512, 128)],
+        "headline": [dict(family="bert", B=32, S=512, d=768, ff=3072, L=2, min_len=128)],
+        "cpu": [dict(family=f, B=8, S=128, d=384, ff=1536, L=2, min_len=low) for f in HF_FAMILIES
+                for low in (128, 32)],
+        "quick": [dict(family="bert", B=2, S=32, d=128, ff=512, L=2, min_len=8)],
+    },
+    dtypes={"cuda": (torch.bfloat16,), "cpu": (torch.float32,)},
+    make_inputs=_hf_inputs,
+    grad_inputs=("embeds",),
+    fastenc_fn=_hf_run("fastenc"),
+    torch_fn=_hf_run("torch"),
+    work=_encoder_work,
+    x_axis=("real tokens × layers", lambda p: sum(_encoder_tokens(p)) * p["L"]),
+    compiled_peer=False,  # each case would compile a whole Hugging Face model
 ))
 
 

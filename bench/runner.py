@@ -84,10 +84,11 @@ def providers_for(device_type: str, *, compile: bool = True, op: cases_mod.OpBen
                 reason = fastenc.backends.unavailable_reason(name)
             skipped[f"fastenc.{name}"] = reason or f"backend {name!r} is not available"
     providers.append(Provider("torch", "peer", lambda case: case.op.torch_fn))
-    if compile:
+    if compile and (op is None or op.compiled_peer):
         providers.append(Provider("torch.compile", "peer", _compiled))
     else:
-        skipped["torch.compile"] = "skipped (quick mode or --no-compile)"
+        skipped["torch.compile"] = ("skipped (quick mode or --no-compile)" if compile is False or op is None
+                                    else f"skipped (not a peer of {op.name})")
     for name, fn in (op.extra_peers if op else {}).items():
         providers.append(Provider(name, "peer", lambda case, fn=fn: fn))
     return providers, skipped

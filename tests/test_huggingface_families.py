@@ -111,7 +111,7 @@ def test_converted_family_matches_eager(backend_device, family, case):
     padding_side, dtype = CASES[case]
     if (name == "triton") != (case in TRITON_CASES) and (name == "triton" or dtype == torch.float16):
         pytest.skip(f"{case} runs on {'the other backends' if name == 'triton' else 'the triton backend'}")
-    converted = _converted_matches_eager(family, device, dtype, padding_side)
+    converted, (ids, mask) = _converted_matches_eager(family, device, dtype, padding_side)
     # Inference runs every op on fastenc (in training MPNet's learned position bias takes torch's attention).
     backends._last_used.clear()
     with torch.no_grad():
@@ -133,7 +133,7 @@ def test_bert_blocks_are_fused_where_they_are_berts_code(family):
 
 def _converted_matches_eager(family, device, dtype, padding_side, padding_free=False):
     """The converted model's outputs at real tokens and parameter gradients against HF's eager attention (with
-    the float64 oracle); returns the converted model."""
+    the float64 oracle); returns the converted model and its inputs."""
     eager = _model(family, FAMILIES[family]).to(device, dtype)
     oracle = copy.deepcopy(eager).double()
     converted = copy.deepcopy(eager)
@@ -147,7 +147,7 @@ def _converted_matches_eager(family, device, dtype, padding_side, padding_free=F
     assert got_names == names
     for n, a, t, o in zip(names, got, want, exact):
         assert_close_to_oracle(f"{family} {n}", a, o, t)
-    return converted
+    return converted, (ids, mask)
 
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])
