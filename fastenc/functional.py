@@ -9,9 +9,11 @@ import torch
 from torch import Tensor
 
 from fastenc import backends
-from fastenc.ops import attention as _attention_op  # noqa: F401  (registers fastenc::attention)
-from fastenc.ops import bias_activation as _bias_activation_op  # noqa: F401  (registers fastenc::bias_activation)
-from fastenc.ops import lstm as _lstm_op  # noqa: F401  (registers fastenc::lstm_layer)
+from fastenc.ops import attention as _attention_op
+from fastenc.ops import bias_activation as _bias_activation_op
+from fastenc.ops import layer_norm as _layer_norm_op
+from fastenc.ops import lstm as _lstm_op
+from fastenc.ops import run
 from fastenc.ops.layer_norm import AUTOCAST_FLOAT32_DEVICES
 
 __all__ = ["attention", "attention_varlen", "bias_activation", "layer_norm", "lstm_layer"]
@@ -88,7 +90,7 @@ def layer_norm(
         float(eps),
         store_sum,
     )
-    y, summed, _, _ = torch.ops.fastenc.layer_norm(*args, backends.select("layer_norm", input.device.type, *args))
+    y, summed, _, _ = run(_layer_norm_op.layer_norm, *args, backends.select("layer_norm", input.device.type, *args))
     y = y.view(input.shape)
     if not return_residual:
         return y
@@ -180,7 +182,7 @@ def attention(
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     args = (q, k, v, bias, key_padding_mask, None, None, s_q, s_k, bool(is_causal), scale, float(dropout_p),
             _dropout_seed(dropout_p))
-    out, _ = torch.ops.fastenc.attention(*args, backends.select("attention", q.device.type, *args))
+    out, _ = run(_attention_op.attention, *args, backends.select("attention", q.device.type, *args))
     return out
 
 
@@ -232,7 +234,7 @@ def attention_varlen(
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     args = (q, k, v, None, None, cu_q, cu_k, max_seqlen_q, max_seqlen_k, bool(is_causal), scale, float(dropout_p),
             _dropout_seed(dropout_p))
-    out, _ = torch.ops.fastenc.attention(*args, backends.select("attention", q.device.type, *args))
+    out, _ = run(_attention_op.attention, *args, backends.select("attention", q.device.type, *args))
     return out
 
 
@@ -249,7 +251,7 @@ def bias_activation(input: Tensor, bias: Tensor | None, activation: str = "relu"
     lowp = (torch.float32,) if input.dtype in (torch.float16, torch.bfloat16) else ()
     _check_like("bias", bias, input, (width,), (input.dtype, *lowp))
     args = (input.reshape(-1, width), bias, activation, float(dropout_p), _dropout_seed(dropout_p))
-    y = torch.ops.fastenc.bias_activation(*args, backends.select("bias_activation", input.device.type, *args))
+    y = run(_bias_activation_op.bias_activation, *args, backends.select("bias_activation", input.device.type, *args))
     return y.view(input.shape)
 
 
@@ -322,5 +324,5 @@ def lstm_layer(
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (
         input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr))
     args = (input, h0, c0, weight_ih, weight_hh, bias, weight_hr, batch_sizes, bool(reverse), save)
-    out, h_n, c_n, *_ = torch.ops.fastenc.lstm_layer(*args, backends.select("lstm", input.device.type, *args))
+    out, h_n, c_n, *_ = run(_lstm_op.lstm_layer, *args, backends.select("lstm", input.device.type, *args))
     return out, h_n, c_n

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from fastenc import backends
+from fastenc.ops import forward_op
 
 
 def _triton_supports(q, *_) -> str | None:
@@ -63,7 +64,7 @@ backends.register(
 )
 
 
-@torch.library.custom_op("fastenc::attention", mutates_args=())
+@forward_op("fastenc::attention")
 def attention(
     q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, key_padding_mask: Tensor | None,
     cu_seqlens_q: Tensor | None, cu_seqlens_k: Tensor | None, max_seqlen_q: int, max_seqlen_k: int,

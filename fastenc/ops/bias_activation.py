@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from fastenc import backends
+from fastenc.ops import forward_op
 
 
 def _native_supports(x, *_) -> str | None:
@@ -29,7 +30,7 @@ backends.register(
 )
 
 
-@torch.library.custom_op("fastenc::bias_activation", mutates_args=())
+@forward_op("fastenc::bias_activation")
 def bias_activation(x: Tensor, bias: Tensor | None, activation: str, dropout_p: float, dropout_seed: Tensor | None,
                     backend: str) -> Tensor:
     impl = backends.implementation("bias_activation", backend)

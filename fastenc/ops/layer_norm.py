@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from fastenc import backends
+from fastenc.ops import forward_op
 from fastenc.reference.layer_norm import stat_dtype
 
 # The Triton kernels hold a whole row on chip.
@@ -39,7 +40,7 @@ backends.register(
 )
 
 
-@torch.library.custom_op("fastenc::layer_norm", mutates_args=())
+@forward_op("fastenc::layer_norm")
 def layer_norm(
     x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, eps: float, store_sum: bool,
     backend: str,

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from fastenc import backends
+from fastenc.ops import forward_op
 
 
 def _triton_supports(x, *_) -> str | None:
@@ -59,7 +60,7 @@ def _saved_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-@torch.library.custom_op("fastenc::lstm_layer", mutates_args=())
+@forward_op("fastenc::lstm_layer")
 def lstm_layer(
     x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Tensor | None, w_hr: Tensor | None,
     batch_sizes: Tensor | None, reverse: bool, save: bool, backend: str,
