@@ -558,6 +558,8 @@ def _hf_config(family: str, d: int, layers: int):
     else:
         kwargs = dict(hidden_size=d, num_attention_heads=heads, intermediate_size=4 * d, num_hidden_layers=layers,
                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    if family == "electra":  # embeddings as wide as the model: the inputs are embeddings
+        kwargs.update(embedding_size=d)
     if family == "modernbert":  # its local layers see 64 tokens each side, every third layer is global
         kwargs.update(pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2,
                       local_attention=128)
