@@ -84,11 +84,12 @@ def providers_for(device_type: str, *, compile: bool = True, op: cases_mod.OpBen
                 reason = fastenc.backends.unavailable_reason(name)
             skipped[f"fastenc.{name}"] = reason or f"backend {name!r} is not available"
     providers.append(Provider("torch", "peer", lambda case: case.op.torch_fn))
-    if compile and (op is None or op.compiled_peer):
-        providers.append(Provider("torch.compile", "peer", _compiled))
+    if not compile:
+        skipped["torch.compile"] = "skipped (quick mode or --no-compile)"
+    elif op is not None and not op.compiled_peer:
+        skipped["torch.compile"] = f"skipped (not a peer of {op.name})"
     else:
-        skipped["torch.compile"] = ("skipped (quick mode or --no-compile)" if compile is False or op is None
-                                    else f"skipped (not a peer of {op.name})")
+        providers.append(Provider("torch.compile", "peer", _compiled))
     for name, fn in (op.extra_peers if op else {}).items():
         providers.append(Provider(name, "peer", lambda case, fn=fn: fn))
     return providers, skipped
@@ -403,7 +404,14 @@ def run(*, ops: list[str] | None = None, dtypes: list[torch.dtype] | None = None
             unavailable = {**unavailable, **{p.name: f"not run: the run's time budget ({budget_s:g} s) was spent"
                                              for p in providers}}
             providers = []
-        prepared = PreparedCase(case, device) if providers else None
+        prepared = None
+        if providers:
+            try:
+                prepared = PreparedCase(case, device)
+            except Exception as e:  # inputs this machine cannot make (a peer's package missing): reported, not fatal
+                unavailable = {**unavailable, **{p.name: f"not run: its inputs failed: {_failure(e)}"
+                                                 for p in providers}}
+                providers = []
         measurements = []
         for provider in providers:
             measurements.append(check_provider(prepared, provider))

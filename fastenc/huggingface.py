@@ -34,6 +34,7 @@ from transformers.models.mpnet import modeling_mpnet
 
 from fastenc import functional as F
 from fastenc.nn.normalization import residual_layer_norm
+from fastenc.nn.transformer import pack, unpack
 
 IMPLEMENTATION = "fastenc"
 
@@ -142,14 +143,10 @@ class _PackedEncoder(torch.nn.Module):
         plain = not args and all(kwargs.get(name) is None for name in ("encoder_hidden_states", "cache"))
         if not (self.fastenc_padding_free and plain and attention_mask is not None and attention_mask.dim() == 2):
             return super().forward(hidden_states, attention_mask, *args, **kwargs)
-        tokens = attention_mask.bool()
-        lengths = tokens.sum(1, dtype=torch.int32)
-        cu_seqlens = TF.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-        longest = int(lengths.max())
-        out = super().forward(hidden_states[tokens][None], None, cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens,
+        tokens, index, cu_seqlens, longest = pack(hidden_states, ~attention_mask.bool())
+        out = super().forward(tokens[None], None, cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens,
                               max_length_q=longest, max_length_k=longest, **kwargs)
-        out.last_hidden_state = hidden_states.new_zeros(hidden_states.shape).masked_scatter(
-            tokens[..., None], out.last_hidden_state[0])
+        out.last_hidden_state = unpack(out.last_hidden_state[0], index, *hidden_states.shape[:2])
         return out
 
 
@@ -169,7 +166,7 @@ _fused_classes: dict[type, type] = {}
 
 
 def _fused_class(cls: type) -> type | None:
-    """The fused subclass of a transformers module class, or None if its forward is not one of BERT's."""
+    """The fused subclass of a transformers module class, or None if its forward is none of _FUSIONS'."""
     if cls in _fused_classes:
         return _fused_classes[cls]
     fused = None
@@ -200,21 +197,17 @@ def __getattr__(name: str) -> type:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def convert(model: torch.nn.Module, padding_free: bool = False) -> bool:
-    """Convert the transformers models and modules in `model`; True if there were any. padding_free: BERT-style
-    encoders run on packed tokens (0 at padded positions). Warns, naming them, for the models whose attention
-    stays on their own code."""
-    found = False
+def convert(model: torch.nn.Module, padding_free: bool = False) -> None:
+    """Convert the transformers models and modules in `model`. padding_free: BERT-style encoders run on packed
+    tokens (0 at padded positions). Warns, naming them, for the models whose attention stays on their own code."""
     for sub in model.modules():
         fused = _fused_class(type(sub))
         if fused is not None:
             sub.__class__ = fused
-            found = True
         if isinstance(sub, _PackedEncoder):
             sub.fastenc_padding_free = padding_free
         if isinstance(sub, PreTrainedModel) and getattr(sub, "_supports_attention_backend", False):
             sub.set_attn_implementation(IMPLEMENTATION)
-            found = True
     # A model reached by neither route: its attention is code of its own (DeBERTa's disentangled attention, ...).
     left = [type(sub).__name__ for sub in model.modules()
             if isinstance(sub, PreTrainedModel) and not getattr(sub, "_supports_attention_backend", False)
@@ -223,4 +216,3 @@ def convert(model: torch.nn.Module, padding_free: bool = False) -> bool:
         warnings.warn(f"fastenc.convert: the attention of {', '.join(dict.fromkeys(left))} is the model's own "
                       f"code, not transformers' attention interface, so it stays on torch (the LayerNorms and "
                       f"BERT-style sub-layers are converted)", stacklevel=3)
-    return found

@@ -4,6 +4,7 @@ slowdown, and the error column catches a planted wrong kernel. CPU only, a few s
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import subprocess
@@ -125,6 +126,19 @@ def test_spent_budget_lists_the_cases_left_as_skipped():
     assert results["rows"] == []
     left = {s["reason"] for s in results["skipped"] if s["provider"] == "fastenc.auto"}
     assert left == {"not run: the run's time budget (0 s) was spent"}
+
+
+def test_case_whose_inputs_fail_is_listed_as_skipped(monkeypatch):
+    """A case this machine cannot make inputs for (hf_encoder without transformers) is reported; the run goes on."""
+    def no_inputs(*_):
+        raise RuntimeError("transformers is not installed")
+
+    monkeypatch.setitem(cases.REGISTRY, "hf_encoder", dataclasses.replace(cases.HF_ENCODER, make_inputs=no_inputs))
+    results = runner.run(ops=["hf_encoder", "layer_norm"], quick=True, device=torch.device("cpu"), progress=False)
+    report.validate_results(results)
+    assert {r["op"] for r in results["rows"]} == {"layer_norm"}
+    reasons = {s["reason"] for s in results["skipped"] if s["op"] == "hf_encoder" and s["provider"] != "torch.compile"}
+    assert reasons == {"not run: its inputs failed: RuntimeError: transformers is not installed"}, reasons
 
 
 def test_headline_shapes_are_cuda_shapes():

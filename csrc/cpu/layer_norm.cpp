@@ -68,7 +68,8 @@ FASTENC_INLINE acc_t row_sum_sq_dev(const acc_t* v, acc_t mean, int64_t n) {
 
 // y = (v - mean) * rstd [* w] [+ b], written in scalar_t; the four cases are separate loops so each vectorises.
 template <bool kWeight, bool kBias, typename scalar_t, typename acc_t>
-FASTENC_INLINE void normalize_row(const acc_t* v, const acc_t* w, const acc_t* b, acc_t mean, acc_t rstd, scalar_t* y, int64_t n) {
+FASTENC_INLINE void normalize_row(const acc_t* v, const acc_t* w, const acc_t* b, acc_t mean, acc_t rstd,
+                                  scalar_t* y, int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
     acc_t out = (v[j] - mean) * rstd;
     if constexpr (kWeight) out *= w[j];
@@ -78,7 +79,8 @@ FASTENC_INLINE void normalize_row(const acc_t* v, const acc_t* w, const acc_t* b
 }
 
 template <typename scalar_t, typename acc_t>
-FASTENC_INLINE void normalize_row(const acc_t* v, const acc_t* w, const acc_t* b, acc_t mean, acc_t rstd, scalar_t* y, int64_t n) {
+FASTENC_INLINE void normalize_row(const acc_t* v, const acc_t* w, const acc_t* b, acc_t mean, acc_t rstd,
+                                  scalar_t* y, int64_t n) {
   if (w && b) {
     normalize_row<true, true>(v, w, b, mean, rstd, y, n);
   } else if (w) {
