@@ -251,7 +251,7 @@ def lstm_case(dtype: str, batch: int, hiddens: tuple[int, ...], projected: bool,
             out, h_n, c_n, gates, cs, rs = lstm.lstm_layer_forward(x, h0, c0, w_ih, w_hh, bias, w_hr, None, False,
                                                                    True, persistent=persistent)
             lstm.lstm_layer_backward(empty(*out.shape), h_n, c_n, x, h0, c0, w_ih, w_hh, w_hr, None, False, out,
-                                     gates, cs, rs, persistent=persistent)
+                                     gates, cs, rs, [True] * 7, persistent=persistent)
     flags = ("persistent" if persistent else "per step") + (", projection" if projected else "")
     hidden = str(hiddens[0]) if len(hiddens) == 1 else f"{min(hiddens)}-{max(hiddens)}"
     return Case("lstm", dtype, f"batch {batch}, hidden {hidden}", flags, call)

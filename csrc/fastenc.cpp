@@ -1,6 +1,10 @@
-// fastenc._C: the pybind11 module. One function per kernel entry point; each checks its arguments once and routes
-// by device to the CPU or CUDA implementation. The schemas live in Python (torch.library custom ops).
+// fastenc._C: the kernels as dispatcher ops, namespace fastenc_native (torch.ops.fastenc_native.<name>). One schema
+// per kernel entry point (TORCH_LIBRARY below), one implementation per device (TORCH_LIBRARY_IMPL), so torch's
+// dispatcher routes by device; each implementation checks its arguments once, then runs that device's kernel.
+// fastenc/native.py is the native backend over these ops; the custom ops of fastenc.ops carry their autograd and
+// fake kernels. The pybind11 module itself only says what was built and what this CPU runs.
 #include <torch/extension.h>
+#include <torch/library.h>
 
 #include <sstream>
 #include <string>
@@ -15,6 +19,8 @@
 namespace fastenc {
 namespace {
 
+// `kernel`: layer_norm_forward_cpu or _cuda (and likewise for the backward): the checks are the same on both.
+template <auto kernel>
 LayerNormForward layer_norm_forward(const at::Tensor& x, const std::optional<at::Tensor>& residual,
                                     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
                                     double eps, bool store_sum) {
@@ -23,17 +29,10 @@ LayerNormForward layer_norm_forward(const at::Tensor& x, const std::optional<at:
   check_like(residual, x, "residual", "x");
   check_param(weight, x, "weight");
   check_param(bias, x, "bias");
-  if (x.is_cuda()) {
-#ifdef FASTENC_WITH_CUDA
-    return layer_norm_forward_cuda(x, residual, weight, bias, eps, store_sum);
-#else
-    TORCH_CHECK(false, "fastenc._C was built without CUDA kernels; x is on ", x.device());
-#endif
-  }
-  TORCH_CHECK(x.is_cpu(), "x must be a CPU or CUDA tensor, got ", x.device());
-  return layer_norm_forward_cpu(x, residual, weight, bias, eps, store_sum);
+  return kernel(x, residual, weight, bias, eps, store_sum);
 }
 
+template <auto kernel>
 LayerNormBackward layer_norm_backward(const at::Tensor& dy, const std::optional<at::Tensor>& dsum,
                                       const at::Tensor& xs, const std::optional<at::Tensor>& weight,
                                       const at::Tensor& mean, const at::Tensor& rstd, bool has_bias) {
@@ -44,19 +43,11 @@ LayerNormBackward layer_norm_backward(const at::Tensor& dy, const std::optional<
   check_param(weight, xs, "weight");
   check_stats(mean, xs, "mean");
   check_stats(rstd, xs, "rstd");
-  if (xs.is_cuda()) {
-#ifdef FASTENC_WITH_CUDA
-    return layer_norm_backward_cuda(dy, dsum, xs, weight, mean, rstd, has_bias);
-#else
-    TORCH_CHECK(false, "fastenc._C was built without CUDA kernels; xs is on ", xs.device());
-#endif
-  }
-  TORCH_CHECK(xs.is_cpu(), "xs must be a CPU or CUDA tensor, got ", xs.device());
-  return layer_norm_backward_cpu(dy, dsum, xs, weight, mean, rstd, has_bias);
+  return kernel(dy, dsum, xs, weight, mean, rstd, has_bias);
 }
 
-// activation, dropout_p and dropout_seed of the bias_activation entry points; the kernels are CPU-only.
-void check_bias_activation(const at::Tensor& x, const std::optional<at::Tensor>& bias, const std::string& activation,
+// The bias_activation entry points' common operands (CPU kernels only).
+void check_bias_activation(const at::Tensor& x, const std::optional<at::Tensor>& bias, c10::string_view activation,
                            double dropout_p, const std::optional<at::Tensor>& dropout_seed) {
   check_2d(x, "x");
   check_floating(x, "x");
@@ -70,22 +61,21 @@ void check_bias_activation(const at::Tensor& x, const std::optional<at::Tensor>&
                 "dropout_seed must be an int64 scalar tensor, got ", dropout_seed->scalar_type(), " of shape ",
                 dropout_seed->sizes());
   }
-  TORCH_CHECK(x.is_cpu(), "fastenc._C has bias_activation kernels for CPU tensors only; x is on ", x.device());
 }
 
 at::Tensor bias_activation_forward(const at::Tensor& x, const std::optional<at::Tensor>& bias,
-                                   const std::string& activation, double dropout_p,
+                                   c10::string_view activation, double dropout_p,
                                    const std::optional<at::Tensor>& dropout_seed) {
   check_bias_activation(x, bias, activation, dropout_p, dropout_seed);
-  return bias_activation_forward_cpu(x, bias, activation, dropout_p, dropout_seed);
+  return bias_activation_forward_cpu(x, bias, std::string(activation), dropout_p, dropout_seed);
 }
 
 BiasActivationBackward bias_activation_backward(const at::Tensor& dy, const at::Tensor& x,
-                                                const std::optional<at::Tensor>& bias, const std::string& activation,
+                                                const std::optional<at::Tensor>& bias, c10::string_view activation,
                                                 double dropout_p, const std::optional<at::Tensor>& dropout_seed) {
   check_bias_activation(x, bias, activation, dropout_p, dropout_seed);
   check_like(dy, x, "dy", "x");
-  return bias_activation_backward_cpu(dy, x, bias, activation, dropout_p, dropout_seed);
+  return bias_activation_backward_cpu(dy, x, bias, std::string(activation), dropout_p, dropout_seed);
 }
 
 // One LSTM layer's operands: x (T, B, I), or (N, I) with batch_sizes (T,) int64 on the CPU; h0 (B, P), c0 (B, H),
@@ -118,10 +108,6 @@ void check_lstm(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
   } else {
     TORCH_CHECK(proj == hidden, "h0 must have ", hidden, " columns without w_hr, got ", proj);
   }
-  TORCH_CHECK(x.is_cpu() || x.is_cuda(), "x must be a CPU or CUDA tensor, got ", x.device());
-#ifndef FASTENC_WITH_CUDA
-  TORCH_CHECK(!x.is_cuda(), "fastenc._C was built without CUDA kernels; x is on ", x.device());
-#endif
   if (packed) {
     const auto& sizes = *batch_sizes;
     TORCH_CHECK(sizes.dim() == 1 && sizes.is_cpu() && sizes.scalar_type() == at::kLong,
@@ -152,7 +138,7 @@ LstmBackward lstm_layer_backward_checked(const at::Tensor& d_out, const at::Tens
                                          const std::optional<at::Tensor>& w_hr,
                                          const std::optional<at::Tensor>& batch_sizes, bool reverse,
                                          const at::Tensor& out, const at::Tensor& gates, const at::Tensor& cs,
-                                         const at::Tensor& rs) {
+                                         const at::Tensor& rs, std::array<bool, 7> output_mask) {
   check_lstm(x, h0, c0, w_ih, w_hh, w_hr, batch_sizes);
   check_like(d_out, out, "d_out", "out");
   check_like(d_hn, h0, "d_hn", "h0");
@@ -175,16 +161,15 @@ LstmBackward lstm_layer_backward_checked(const at::Tensor& d_out, const at::Tens
   }
   check_saved(out, "out", h0.size(1));
   return lstm_layer_backward(d_out, d_hn, d_cn, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, reverse, out, gates, cs,
-                             rs);
+                             rs, output_mask);
 }
 
-// Attention's operands: q, k, v (B, H, S, D), or packed (T, H, D) with cu_seqlens; CPU only, no dropout.
+// Attention's operands: q, k, v (B, H, S, D), or packed (T, H, D) with cu_seqlens; CPU kernels only, no dropout.
 void check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const std::optional<at::Tensor>& cu_seqlens_q, double dropout_p) {
   const int64_t rank = cu_seqlens_q.has_value() ? 3 : 4;
   for (const auto& [t, name] : {std::pair{&q, "q"}, std::pair{&k, "k"}, std::pair{&v, "v"}}) {
     TORCH_CHECK(t->dim() == rank, name, " must be ", rank, "-D, got ", t->sizes());
-    TORCH_CHECK(t->is_cpu(), "the native attention runs CPU tensors; ", name, " is on ", t->device());
     TORCH_CHECK(t->scalar_type() == q.scalar_type(), name, " must have q's dtype ", q.scalar_type());
   }
   check_floating(q, "q");
@@ -231,41 +216,59 @@ std::vector<std::string> cuda_archs() {
 }  // namespace
 }  // namespace fastenc
 
+TORCH_LIBRARY(fastenc_native, m) {
+  m.def("layer_norm_forward(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, bool store_sum) "
+        "-> (Tensor y, Tensor sum, Tensor mean, Tensor rstd)");
+  m.def("layer_norm_backward(Tensor dy, Tensor? dsum, Tensor xs, Tensor? weight, Tensor mean, Tensor rstd, "
+        "bool has_bias) -> (Tensor dx, Tensor dweight, Tensor dbias)");
+  m.def("bias_activation_forward(Tensor x, Tensor? bias, str activation, float dropout_p, Tensor? dropout_seed) "
+        "-> Tensor");
+  m.def("bias_activation_backward(Tensor dy, Tensor x, Tensor? bias, str activation, float dropout_p, "
+        "Tensor? dropout_seed) -> (Tensor dx, Tensor dbias)");
+  m.def("lstm_layer_forward(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? bias, Tensor? w_hr, "
+        "Tensor? batch_sizes, bool reverse, bool save) "
+        "-> (Tensor out, Tensor h_n, Tensor c_n, Tensor gates, Tensor cs, Tensor rs)");
+  m.def("lstm_layer_backward(Tensor d_out, Tensor d_hn, Tensor d_cn, Tensor x, Tensor h0, Tensor c0, Tensor w_ih, "
+        "Tensor w_hh, Tensor? w_hr, Tensor? batch_sizes, bool reverse, Tensor out, Tensor gates, Tensor cs, "
+        "Tensor rs, bool[7] output_mask) "
+        "-> (Tensor dx, Tensor dh0, Tensor dc0, Tensor dw_ih, Tensor dw_hh, Tensor d_bias, Tensor dw_hr)");
+  m.def("attention_forward(Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? key_padding_mask, "
+        "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, bool is_causal, "
+        "float scale, float dropout_p, Tensor? dropout_seed) -> (Tensor out, Tensor lse)");
+  m.def("attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? bias, "
+        "Tensor? key_padding_mask, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
+        "bool is_causal, float scale, float dropout_p, Tensor? dropout_seed) -> (Tensor dq, Tensor dk, Tensor dv)");
+}
+
+TORCH_LIBRARY_IMPL(fastenc_native, CPU, m) {
+  m.impl("layer_norm_forward", &fastenc::layer_norm_forward<fastenc::layer_norm_forward_cpu>);
+  m.impl("layer_norm_backward", &fastenc::layer_norm_backward<fastenc::layer_norm_backward_cpu>);
+  m.impl("bias_activation_forward", &fastenc::bias_activation_forward);
+  m.impl("bias_activation_backward", &fastenc::bias_activation_backward);
+  m.impl("lstm_layer_forward", &fastenc::lstm_layer_forward_checked);
+  m.impl("lstm_layer_backward", &fastenc::lstm_layer_backward_checked);
+  m.impl("attention_forward", &fastenc::attention_forward);
+  m.impl("attention_backward", &fastenc::attention_backward);
+}
+
+#ifdef FASTENC_WITH_CUDA
+// The LSTM's sequence driver is the same code on both devices (its cells are per device, csrc/lstm.cpp).
+TORCH_LIBRARY_IMPL(fastenc_native, CUDA, m) {
+  m.impl("layer_norm_forward", &fastenc::layer_norm_forward<fastenc::layer_norm_forward_cuda>);
+  m.impl("layer_norm_backward", &fastenc::layer_norm_backward<fastenc::layer_norm_backward_cuda>);
+  m.impl("lstm_layer_forward", &fastenc::lstm_layer_forward_checked);
+  m.impl("lstm_layer_backward", &fastenc::lstm_layer_backward_checked);
+}
+#endif
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "fastenc's C++/CUDA kernels (wrapped as torch.library custom ops in fastenc.ops)";
-  m.def("layer_norm_forward", &fastenc::layer_norm_forward, "Residual-add + LayerNorm forward -> (y, sum, mean, rstd)",
-        py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("store_sum"));
-  m.def("layer_norm_backward", &fastenc::layer_norm_backward, "LayerNorm backward -> (dx, dweight, dbias)",
-        py::arg("dy"), py::arg("dsum"), py::arg("xs"), py::arg("weight"), py::arg("mean"), py::arg("rstd"),
-        py::arg("has_bias"));
-  m.def("bias_activation_forward", &fastenc::bias_activation_forward,
-        "dropout(act(x + bias)) over the rows of x -> y", py::arg("x"), py::arg("bias"), py::arg("activation"),
-        py::arg("dropout_p"), py::arg("dropout_seed"));
-  m.def("bias_activation_backward", &fastenc::bias_activation_backward, "Its backward -> (dx, dbias)",
-        py::arg("dy"), py::arg("x"), py::arg("bias"), py::arg("activation"), py::arg("dropout_p"),
-        py::arg("dropout_seed"));
+  m.doc() = "fastenc's C++/CUDA kernels: importing it registers the ops torch.ops.fastenc_native.*";
   m.def("_bias_activation_math", &fastenc::bias_activation_math_cpu,
         "Test hook: the float32 erfc or sigmoid the bias_activation kernels use, element by element",
         py::arg("x"), py::arg("name"));
-  m.def("lstm_layer_forward", &fastenc::lstm_layer_forward_checked,
-        "One LSTM layer in one direction -> (out, h_n, c_n, gates, cs, rs)", py::arg("x"), py::arg("h0"),
-        py::arg("c0"), py::arg("w_ih"), py::arg("w_hh"), py::arg("bias"), py::arg("w_hr"), py::arg("batch_sizes"),
-        py::arg("reverse"), py::arg("save"));
-  m.def("lstm_layer_backward", &fastenc::lstm_layer_backward_checked,
-        "Its backward -> (dx, dh0, dc0, dw_ih, dw_hh, d_bias, dw_hr)", py::arg("d_out"), py::arg("d_hn"),
-        py::arg("d_cn"), py::arg("x"), py::arg("h0"), py::arg("c0"), py::arg("w_ih"), py::arg("w_hh"),
-        py::arg("w_hr"), py::arg("batch_sizes"), py::arg("reverse"), py::arg("out"), py::arg("gates"), py::arg("cs"),
-        py::arg("rs"));
-  m.def("attention_forward", &fastenc::attention_forward, "Attention forward on CPU -> (out, lse)", py::arg("q"),
-        py::arg("k"), py::arg("v"), py::arg("bias"), py::arg("key_padding_mask"), py::arg("cu_seqlens_q"),
-        py::arg("cu_seqlens_k"), py::arg("max_seqlen_q"), py::arg("max_seqlen_k"), py::arg("is_causal"),
-        py::arg("scale"), py::arg("dropout_p"), py::arg("dropout_seed"));
-  m.def("attention_backward", &fastenc::attention_backward, "Its backward -> (dq, dk, dv)", py::arg("dout"),
-        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("bias"),
-        py::arg("key_padding_mask"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("max_seqlen_q"),
-        py::arg("max_seqlen_k"), py::arg("is_causal"), py::arg("scale"), py::arg("dropout_p"),
-        py::arg("dropout_seed"));
   m.def("attention_cpu_available", &fastenc::attention_cpu_available,
         "Whether this CPU runs the native attention (x86 with AVX-512)");
+  m.def("lstm_onednn_gemm_found", &fastenc::lstm_onednn_gemm_found,
+        "Whether the LSTM's CPU gradient GEMMs found oneDNN's matmul in libtorch (else they run at::mm)");
   m.def("cuda_archs", &fastenc::cuda_archs, "The archs the CUDA kernels were compiled for; [] without CUDA");
 }

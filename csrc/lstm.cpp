@@ -17,17 +17,14 @@
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <dlfcn.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <numeric>
 #include <vector>
 
-namespace at::native {
-// result = beta result + alpha mat1 mat2 through oneDNN: exported by libtorch (ATen/native/mkldnn/Matmul.h, whose
-// header the wheels do not ship); it throws where oneDNN is missing or declines the CPU.
-TORCH_API void mkldnn_matmul(const Tensor& mat1, const Tensor& mat2, const Tensor& result, float beta, float alpha);
-}  // namespace at::native
 
 namespace fastenc {
 namespace {
@@ -163,15 +160,28 @@ class Linear {
   std::optional<c10::OperatorHandle> linear_;
 };
 
+// result = beta result + alpha mat1 mat2 through oneDNN, as libtorch exports it: at::native::mkldnn_matmul (whose
+// header, ATen/native/mkldnn/Matmul.h, the wheels do not ship), looked up by its symbol at run time, so that a
+// torch without it loses only this fast path. It throws where oneDNN is missing or declines the CPU.
+using MkldnnMatmul = void (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, float, float);
+
+MkldnnMatmul find_mkldnn_matmul() {
+  void* libtorch = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD);  // loaded already: this extension links it
+  if (libtorch == nullptr || !at::hasMKLDNN()) return nullptr;
+  return reinterpret_cast<MkldnnMatmul>(dlsym(libtorch, "_ZN2at6native13mkldnn_matmulERKNS_6TensorES3_S3_ff"));
+}
+
 // a b for the gradients' GEMMs over all steps (long K, operands transposed views). On CPU in float32 through
-// oneDNN's matmul, which reads transposed operands in place (~1.2-1.4x at::mm's MKL rate on the EPYC above). It
-// refuses CPUs without AVX-512 (or a torch built without oneDNN); at::mm from then on.
+// oneDNN's matmul, which reads transposed operands in place (~1.2-1.4x at::mm's MKL rate on the EPYC above); at::mm
+// where torch lacks it, and from the first refusal on (CPUs without AVX-512).
+const MkldnnMatmul mkldnn_matmul = find_mkldnn_matmul();
+
 at::Tensor gemm(const at::Tensor& a, const at::Tensor& b) {
-  static std::atomic<bool> onednn{at::hasMKLDNN()};
+  static std::atomic<bool> onednn{mkldnn_matmul != nullptr};
   if (a.is_cpu() && a.scalar_type() == at::kFloat && onednn.load()) {
     auto out = at::empty({a.size(0), b.size(1)}, a.options());
     try {
-      at::native::mkldnn_matmul(a, b, out, /*beta=*/0.0f, /*alpha=*/1.0f);
+      mkldnn_matmul(a, b, out, /*beta=*/0.0f, /*alpha=*/1.0f);
       return out;
     } catch (const c10::Error&) {
       onednn.store(false);
@@ -219,6 +229,8 @@ void in_shares(const std::vector<int64_t>& bounds, const Run& run) {
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 }  // namespace
+
+bool lstm_onednn_gemm_found() { return mkldnn_matmul != nullptr; }
 
 LstmForward lstm_layer_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
                                const at::Tensor& w_ih, const at::Tensor& w_hh, const std::optional<at::Tensor>& bias,
@@ -358,7 +370,8 @@ LstmBackward lstm_layer_backward(const at::Tensor& d_out, const at::Tensor& d_hn
                                  const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
                                  const at::Tensor& w_ih, const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
                                  const std::optional<at::Tensor>& batch_sizes, bool reverse, const at::Tensor& out,
-                                 const at::Tensor& gates, const at::Tensor& cs, const at::Tensor& rs) {
+                                 const at::Tensor& gates, const at::Tensor& cs, const at::Tensor& rs,
+                                 std::array<bool, 7> output_mask) {
   const auto acc = gates.scalar_type();
   const int64_t hidden = c0.size(1), proj = h0.size(1), batch = h0.size(0);
   const auto g_all = gates.reshape({-1, 4 * hidden}).contiguous();
@@ -433,15 +446,19 @@ LstmBackward lstm_layer_backward(const at::Tensor& d_out, const at::Tensor& d_hn
     }
     cell_backward(step_gates, step_c, c_prev, dr, dc_rows, dg);
   }
-  const auto h_prev = at::cat({out_all, h0}).index_select(0, index(plan.previous, out.device())).to(acc);
-  auto dw_hh = gemm(d_gates.t(), h_prev);
-  auto dh0 = gemm(d_gates.index_select(0, index(plan.first, out.device())), w).to(h0.scalar_type());
-  auto dw_hr = w_hr.has_value() ? gemm(d_h.t(), rs.reshape({-1, hidden})) : at::empty({0}, g_all.options());
-  // The input projection's gradients.
-  const auto x_rows = x.reshape({-1, x.size(-1)}).to(acc);
-  auto dx = gemm(d_gates, w_ih.to(acc)).to(x.scalar_type()).view(x.sizes());
-  auto dw_ih = gemm(d_gates.t(), x_rows);
-  return {dx, dh0, dc.to(c0.scalar_type()), dw_ih, dw_hh, d_gates.sum(0), dw_hr};
+  // The gradients asked for, each one GEMM over all steps; the others are empty, never computed.
+  const auto [want_dx, want_dh0, want_dc0, want_dw_ih, want_dw_hh, want_d_bias, want_dw_hr] = output_mask;
+  const auto none = [](const at::Tensor& like) { return at::empty({0}, like.options()); };
+  const auto dw_hh = want_dw_hh ? gemm(d_gates.t(), at::cat({out_all, h0}).index_select(
+                                                        0, index(plan.previous, out.device())).to(acc))
+                                : none(g_all);
+  const auto dh0 = want_dh0 ? gemm(d_gates.index_select(0, index(plan.first, out.device())), w).to(h0.scalar_type())
+                            : none(h0);
+  const auto dw_hr = want_dw_hr && w_hr.has_value() ? gemm(d_h.t(), rs.reshape({-1, hidden})) : none(g_all);
+  const auto dx = want_dx ? gemm(d_gates, w_ih.to(acc)).to(x.scalar_type()).view(x.sizes()) : none(x);
+  const auto dw_ih = want_dw_ih ? gemm(d_gates.t(), x.reshape({-1, x.size(-1)}).to(acc)) : none(g_all);
+  return {dx, dh0, want_dc0 ? dc.to(c0.scalar_type()) : none(c0), dw_ih, dw_hh,
+          want_d_bias ? d_gates.sum(0) : none(g_all), dw_hr};
 }
 
 }  // namespace fastenc

@@ -6,6 +6,7 @@
 
 #include <ATen/ATen.h>
 
+#include <array>
 #include <optional>
 #include <tuple>
 
@@ -21,12 +22,15 @@ LstmForward lstm_layer_forward(const at::Tensor& x, const at::Tensor& h0, const 
                                const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& batch_sizes,
                                bool reverse, bool save);
 
-// -> (dx, dh0, dc0, dw_ih, dw_hh, d_bias, dw_hr)
+// Whether the driver found oneDNN's matmul in libtorch for its CPU gradient GEMMs (else it runs at::mm).
+bool lstm_onednn_gemm_found();
+// -> (dx, dh0, dc0, dw_ih, dw_hh, d_bias, dw_hr); those output_mask does not ask for are empty, never computed.
 LstmBackward lstm_layer_backward(const at::Tensor& d_out, const at::Tensor& d_hn, const at::Tensor& d_cn,
                                  const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
                                  const at::Tensor& w_ih, const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
                                  const std::optional<at::Tensor>& batch_sizes, bool reverse, const at::Tensor& out,
-                                 const at::Tensor& gates, const at::Tensor& cs, const at::Tensor& rs);
+                                 const at::Tensor& gates, const at::Tensor& cs, const at::Tensor& rs,
+                                 std::array<bool, 7> output_mask);
 
 // The cells work on n contiguous rows of float32 / float64 tensors (H = hidden size).
 // forward: from hw = h_{t-1} W_hh^T and the step's rows of gates_x (both (n, 4H)) writes `gates`, the

@@ -24,7 +24,12 @@ def _extension() -> dict[str, Any]:
     reason = backends.unavailable_reason("native")
     if reason is not None:
         return {"built": False, "reason": reason}
-    return {"built": True, "cuda_archs": backends.CUDA_ARCHS}
+    extension = importlib.import_module("fastenc._C")
+    # Without them the native backend runs torch's or the reference's attention, and at::mm for the LSTM's
+    # weight gradients.
+    return {"built": True, "cuda_archs": backends.CUDA_ARCHS,
+            "cpu_attention (needs AVX-512)": extension.attention_cpu_available(),
+            "lstm_onednn_gemm": extension.lstm_onednn_gemm_found()}
 
 
 def info(file: IO[str] | None = sys.stdout) -> dict[str, Any]:

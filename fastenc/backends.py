@@ -7,7 +7,8 @@ Backends:
                F.gelu), under fastenc's op contract: what "auto" runs where fastenc has no kernel of its own.
   "triton"     Triton kernels (kernels/, imported as fastenc.kernels): CUDA tensors, and CPU tensors when
                TRITON_INTERPRET=1 was set before triton was imported.
-  "native"     the compiled extension fastenc._C: CUDA kernels on CUDA tensors, C++ kernels on CPU tensors.
+  "native"     the compiled extension fastenc._C, as dispatcher ops (fastenc/native.py): CUDA kernels on CUDA
+               tensors, C++ kernels on CPU tensors.
 
 Each op file registers, per backend, the module that implements it and, as data, which inputs that backend
 takes (`register(op, {backend: module_name}, supports={backend: fn})`, where fn(*the op's inputs) returns None or

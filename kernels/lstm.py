@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastenc.reference.lstm import row_maps, schedule
+from fastenc.ops.lstm_plan import row_maps, schedule
 
 
 @triton.jit
@@ -258,7 +258,7 @@ def _lstm_backward_persistent_kernel(
 # ---- launchers -------------------------------------------------------------------------------------------------
 
 def _plan(batch_sizes, steps: int, batch: int, reverse: bool) -> list[tuple[int, ...]]:
-    """The reference's schedule (offset, rows, previous offset, previous rows per step, in processing order) with
+    """The op's schedule (offset, rows, previous offset, previous rows per step, in processing order) with
     the next processed step's offset and rows appended (0, 0 for the last)."""
     plan = schedule(batch_sizes, steps, batch, reverse)
     return [(*step, *(plan[k + 1][:2] if k + 1 < len(plan) else (0, 0))) for k, step in enumerate(plan)]
@@ -350,7 +350,7 @@ def lstm_layer_forward(x, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse, 
 
 
 def lstm_layer_backward(d_out, d_hn, d_cn, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, reverse, out, gates, cs, rs,
-                        persistent=None):
+                        output_mask, persistent=None):
     """The contract's backward; persistent as in lstm_layer_forward."""
     hidden, proj, batch = c0.shape[1], h0.shape[1], h0.shape[0]
     lead = gates.shape[:-1]
@@ -402,10 +402,15 @@ def lstm_layer_backward(d_out, d_hn, d_cn, x, h0, c0, w_ih, w_hh, w_hr, batch_si
                     HAS_ALT=False, HAS_DOUT=False, BLOCK_K=block_kp, DOT_PRECISION="ieee", **meta,
                 )
     first, _, previous = row_maps(batch_sizes, len(plan), batch, reverse, out.device)
+    want_dx, want_dh0, want_dc0, want_dw_ih, want_dw_hh, want_d_bias, want_dw_hr = output_mask
     d_gates = d_gx.float()
-    dw_hh = d_gates.t() @ torch.cat([out, h0]).float()[previous]
-    dh0 = (d_gates[first] @ w_hh.float()).to(h0.dtype)
-    dw_hr = d_h.t() @ rs.reshape(-1, hidden) if w_hr is not None else d_gates.new_empty(0)
-    dx = (d_gx @ w_ih).reshape(x.shape)  # the projection's gradients: one GEMM each over all steps
-    dw_ih = d_gates.t() @ x.reshape(-1, x.shape[-1]).float()
-    return dx, dh0, dc.to(c0.dtype), dw_ih, dw_hh, d_gates.sum(0), dw_hr
+    # The projection's gradients and the weights': one GEMM each over all steps.
+    return (
+        (d_gx @ w_ih).reshape(x.shape) if want_dx else x.new_empty(0),
+        (d_gates[first] @ w_hh.float()).to(h0.dtype) if want_dh0 else h0.new_empty(0),
+        dc.to(c0.dtype) if want_dc0 else c0.new_empty(0),
+        d_gates.t() @ x.reshape(-1, x.shape[-1]).float() if want_dw_ih else d_gates.new_empty(0),
+        d_gates.t() @ torch.cat([out, h0]).float()[previous] if want_dw_hh else d_gates.new_empty(0),
+        d_gates.sum(0) if want_d_bias else d_gates.new_empty(0),
+        d_h.t() @ rs.reshape(-1, hidden) if want_dw_hr and w_hr is not None else d_gates.new_empty(0),
+    )

@@ -131,14 +131,15 @@ def test_auto_runs_what_takes_the_inputs_and_the_numbers_are_right():
         torch.testing.assert_close(out, fastenc.functional.attention(q, k, v, is_causal=True))
     fastenc.functional.attention(q.float(), k.float(), v.float())
     probe = (q.float(), k.float(), v.float(), None, None, None, None, 9, 9, False, 1.0, 0.0, None)
-    expected = "native" if backends.input_reason("attention", "native", *probe) is None else "torch"
+    takes = "native" in backends.implemented("attention") and backends.input_reason("attention", "native", *probe) is None
+    expected = "native" if takes else "torch"
     assert _ran("attention") == expected
 
 
 
 def test_a_backend_named_for_inputs_it_does_not_take_raises_naming_why():
     backends.register("test_only_picky", {"reference": "fastenc.reference.layer_norm",
-                                          "native": "fastenc._C"},
+                                          "native": "fastenc.native"},
                       supports={"native": lambda x: "it takes no odd widths" if x.shape[-1] % 2 else None})
     if "native" not in fastenc.available_backends():
         pytest.skip("needs the built extension")
@@ -148,3 +149,17 @@ def test_a_backend_named_for_inputs_it_does_not_take_raises_naming_why():
         with pytest.raises(ValueError, match="backend 'native' cannot run op 'test_only_picky' on these inputs: it "
                                              "takes no odd widths"):
             backends.select("test_only_picky", "cpu", torch.empty(2, 3))
+
+
+@pytest.mark.skipif("native" not in fastenc.available_backends(), reason="needs the built extension")
+def test_native_without_its_cpu_attention_still_runs_attention():
+    """The native attention needs AVX-512. Where this CPU lacks it the native backend has no attention, so a model
+    under backend("native") runs the reference's attention (and every other op natively) instead of raising."""
+    from fastenc import _C
+
+    assert ("native" in backends.implemented("attention")) == _C.attention_cpu_available()
+    q, k, v = (torch.randn(1, 2, 5, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    with fastenc.backend("native"):
+        out = fastenc.functional.attention(q, k, v)
+    assert _ran("attention") == ("native" if _C.attention_cpu_available() else "reference")
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v))

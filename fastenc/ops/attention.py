@@ -41,8 +41,6 @@ def _native_supports(q, k, v, bias, key_padding_mask, cu_seqlens_q, cu_seqlens_k
                      is_causal, scale, dropout_p, dropout_seed) -> str | None:
     if q.device.type != "cpu":
         return "fastenc._C's attention runs CPU tensors"
-    if not _NATIVE_CPU:
-        return "fastenc._C's CPU attention needs an x86 CPU with AVX-512"
     if q.dtype != torch.float32:  # on bf16 / fp16, torch's CPU flash kernel is faster (by far on AMX CPUs)
         return f"the native attention takes float32, got {q.dtype}"
     if dropout_p > 0:
@@ -56,11 +54,14 @@ def _torch_supports(q, *_) -> str | None:
     return "torch's attention backend is its CPU flash kernel" if q.device.type != "cpu" else None
 
 
+# Where this CPU cannot run the native attention, the native backend has no attention (as for an op it lacks):
+# selected by name it runs the reference's, and every other op natively, instead of failing every model.
 backends.register(
     "attention",
     {"reference": "fastenc.reference.attention", "torch": "fastenc.torch_ops.attention",
-     "triton": "fastenc.kernels.attention", "native": "fastenc._C"},
-    supports={"triton": _triton_supports, "torch": _torch_supports, "native": _native_supports},
+     "triton": "fastenc.kernels.attention", **({"native": "fastenc.native"} if _NATIVE_CPU else {})},
+    supports={"triton": _triton_supports, "torch": _torch_supports,
+              **({"native": _native_supports} if _NATIVE_CPU else {})},
 )
 
 

@@ -25,7 +25,7 @@ def _native_supports(x, *_) -> str | None:
 backends.register(
     "bias_activation",
     {"reference": "fastenc.reference.bias_activation", "torch": "fastenc.torch_ops.bias_activation",
-     "triton": "fastenc.kernels.bias_activation", "native": "fastenc._C"},
+     "triton": "fastenc.kernels.bias_activation", "native": "fastenc.native"},
     supports={"native": _native_supports},
 )
 

@@ -1,7 +1,7 @@
 """fastenc::layer_norm: residual-add + LayerNorm as a torch.library custom op, one autograd for all backends.
 
 The ops take the backend's name (from backends.select, in functional); the backward runs the forward's.
-Contract every implementation follows (reference, kernels/layer_norm.py, fastenc._C):
+Contract every implementation follows (reference, kernels/layer_norm.py, fastenc.native):
   layer_norm_forward(x, residual, weight, bias, eps, store_sum) -> (y, sum, mean, rstd)
       x, residual: (M, N), the same dtype; weight, bias: (N,) or None, in x.dtype or (for half / bfloat16 x)
       float32, as torch allows. y: (M, N) contiguous in x.dtype.
@@ -35,7 +35,7 @@ def _triton_supports(x, *_) -> str | None:
 backends.register(
     "layer_norm",
     {"reference": "fastenc.reference.layer_norm", "torch": "fastenc.torch_ops.layer_norm",
-     "triton": "fastenc.kernels.layer_norm", "native": "fastenc._C"},
+     "triton": "fastenc.kernels.layer_norm", "native": "fastenc.native"},
     supports={"triton": _triton_supports},
 )
 

@@ -6,7 +6,7 @@ projection's gradients (dx, dW_ih, d bias) with the GEMMs it runs fastest (the n
 which torch's own matmul does not use for float32).
 Gate order i, f, g, o (torch's). P = proj_size if W_hr is given, else H.
 
-Contract every implementation follows (reference, kernels/lstm.py, fastenc._C from csrc/lstm.cpp):
+Contract every implementation follows (reference, kernels/lstm.py, fastenc.native from csrc/lstm.cpp):
   lstm_layer_forward(x, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse, save)
       -> (out, h_n, c_n, gates, cs, rs)
       x: (T, B, I) with batch_sizes None, or (N, I) packed as PackedSequence.data with batch_sizes (T,) int64 on
@@ -23,12 +23,15 @@ Contract every implementation follows (reference, kernels/lstm.py, fastenc._C fr
       A step reads h_{t-1} from the stored out (in its dtype) and c_{t-1} from cs.
       save=False (no backward will run: inference): gates, cs and rs are not wanted. An implementation may skip
       storing them (the native one keeps one step's worth); the op returns them empty either way.
-  lstm_layer_backward(d_out, d_hn, d_cn, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, reverse, out, gates, cs, rs)
-      -> (dx, dh0, dc0, dw_ih, dw_hh, d_bias, dw_hr)
+  lstm_layer_backward(d_out, d_hn, d_cn, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, reverse, out, gates, cs, rs,
+                      output_mask) -> (dx, dh0, dc0, dw_ih, dw_hh, d_bias, dw_hr)
       dx like x; dh0 / dc0 in h0's / c0's dtype; dw_ih (4H, I), dw_hh (4H, P), d_bias (4H,) and dw_hr (P, H, or
       empty without w_hr) in the saved dtype (the op rounds them to the parameters' dtype). With d_gates the
       gradients of the preactivations (every step's rows): dx = d_gates @ W_ih, dw_ih = d_gates^T @ x,
       d_bias = the column sums, dw_hh = d_gates^T @ (the h each step started from); each one GEMM over all steps.
+      output_mask: 7 bools, whether each of the 7 is wanted (autograd's needs_input_grad: a first layer's dx and
+      a frozen layer's weights are not). One that is not is neither computed nor allocated: an empty (0,) tensor
+      of its dtype.
 The ops take the backend's name (from backends.select, in functional); the backward runs the forward's.
 
 Designed for a native implementation to slot in: everything is plain tensors and ints, batch_sizes stays on the
@@ -51,7 +54,7 @@ def _triton_supports(x, *_) -> str | None:
 
 
 backends.register(
-    "lstm", {"reference": "fastenc.reference.lstm", "triton": "fastenc.kernels.lstm", "native": "fastenc._C"},
+    "lstm", {"reference": "fastenc.reference.lstm", "triton": "fastenc.kernels.lstm", "native": "fastenc.native"},
     supports={"triton": _triton_supports},
 )
 
@@ -85,18 +88,19 @@ def _(x, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse, save, backend):
 def lstm_layer_backward(
     d_out: Tensor, d_hn: Tensor, d_cn: Tensor, x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
     w_hr: Tensor | None, batch_sizes: Tensor | None, reverse: bool, out: Tensor, gates: Tensor, cs: Tensor,
-    rs: Tensor, backend: str,
+    rs: Tensor, output_mask: list[bool], backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     impl = backends.implementation("lstm", backend)
     return impl.lstm_layer_backward(d_out, d_hn, d_cn, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, reverse, out,
-                                    gates, cs, rs)
+                                    gates, cs, rs, output_mask)
 
 
 @lstm_layer_backward.register_fake
-def _(d_out, d_hn, d_cn, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, reverse, out, gates, cs, rs, backend):
-    dw_hr = gates.new_empty(w_hr.shape if w_hr is not None else (0,))
-    return (x.new_empty(x.shape), h0.new_empty(h0.shape), c0.new_empty(c0.shape), gates.new_empty(w_ih.shape),
-            gates.new_empty(w_hh.shape), gates.new_empty(w_ih.shape[0]), dw_hr)
+def _(d_out, d_hn, d_cn, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, reverse, out, gates, cs, rs, output_mask,
+      backend):
+    shapes = (x.shape, h0.shape, c0.shape, w_ih.shape, w_hh.shape, w_ih.shape[:1], (0,) if w_hr is None else w_hr.shape)
+    like = (x, h0, c0, gates, gates, gates, gates)
+    return tuple(t.new_empty(shape if wanted else (0,)) for t, shape, wanted in zip(like, shapes, output_mask))
 
 
 def _setup_context(ctx, inputs, output):
@@ -115,12 +119,11 @@ def _backward(ctx, d_out, d_hn, d_cn, *_saved_grads):
     d_out = torch.zeros_like(out) if d_out is None else d_out
     d_hn = torch.zeros_like(h0) if d_hn is None else d_hn
     d_cn = torch.zeros_like(c0) if d_cn is None else d_cn
-    dx, dh0, dc0, dw_ih, dw_hh, d_bias, dw_hr = lstm_layer_backward(
-        d_out, d_hn, d_cn, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, ctx.reverse, out, gates, cs, rs, ctx.backend
-    )
-    return (dx, dh0, dc0, dw_ih.to(w_ih.dtype), dw_hh.to(w_hh.dtype),
-            d_bias.to(w_ih.dtype) if ctx.has_bias else None, None if w_hr is None else dw_hr.to(w_hr.dtype),
-            None, None, None, None)
+    wanted = list(ctx.needs_input_grad[:7])
+    grads = lstm_layer_backward(d_out, d_hn, d_cn, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, ctx.reverse, out,
+                                gates, cs, rs, wanted, ctx.backend)
+    dtypes = (x.dtype, h0.dtype, c0.dtype, w_ih.dtype, w_hh.dtype, w_ih.dtype, (w_ih if w_hr is None else w_hr).dtype)
+    return (*(g.to(dtype) if want else None for g, dtype, want in zip(grads, dtypes, wanted)), None, None, None, None)
 
 
 lstm_layer.register_autograd(_backward, setup_context=_setup_context)

@@ -4,10 +4,7 @@ Contract: fastenc/ops/lstm.py. Math in float32 (float64 for float64 input); h_{t
 stored output (in the input dtype), as the kernels do. The backward is explicit because autograd is switched off
 inside a custom op's implementation; tests check it against autograd of `lstm_layer_forward`.
 
-Rows: the input x is (T, B, I), or (N, I) packed as PackedSequence.data with `batch_sizes`.
-Either way it is handled as N flat rows where step t owns rows off_t .. off_t + n_t (n_t = batch_sizes[t], or B).
-The step processed before t (t - 1, or t + 1 in reverse) is its "previous" step; a row that was not active then
-starts from h0 / c0 (only the reverse direction of a packed batch has such rows after the first step).
+Rows: fastenc/ops/lstm_plan.py (the plan every Python implementation walks).
 """
 
 from __future__ import annotations
@@ -15,41 +12,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fastenc.ops.lstm_plan import row_maps, schedule
+
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def schedule(batch_sizes: Tensor | None, steps: int, batch: int, reverse: bool) -> list[tuple[int, int, int, int]]:
-    """(offset, rows, previous offset, previous rows) per step in processing order; the first has no previous."""
-    sizes = [batch] * steps if batch_sizes is None else [int(s) for s in batch_sizes.tolist()]
-    offsets = [0]
-    for s in sizes[:-1]:
-        offsets.append(offsets[-1] + s)
-    order = range(len(sizes) - 1, -1, -1) if reverse else range(len(sizes))
-    plan, prev = [], (0, 0)
-    for t in order:
-        plan.append((offsets[t], sizes[t], *prev))
-        prev = (offsets[t], sizes[t])
-    return plan
-
-
-def row_maps(batch_sizes: Tensor | None, steps: int, batch: int, reverse: bool, device) -> tuple[Tensor, ...]:
-    """Flat-row indices, computed at once from the sizes: for each batch row, its row at its first and at its last
-    processed step; for each flat row, the row of cat([out, h0]) holding the h that step started from."""
-    sizes = torch.full((steps,), batch) if batch_sizes is None else batch_sizes.to("cpu", torch.int64)
-    offsets = sizes.cumsum(0) - sizes
-    total = int(sizes.sum())
-    rows = torch.arange(batch)
-    at_start = rows  # time step 0 holds every row at offset 0
-    at_end = offsets[(sizes[None, :] > rows[:, None]).sum(1) - 1] + rows  # each row's last time step
-    step = torch.repeat_interleave(torch.arange(steps), sizes)
-    row = torch.arange(total) - offsets[step]
-    prev = (step + 1 if reverse else step - 1).clamp(0, steps - 1)
-    has_prev = (step != prev) & (row < sizes[prev])
-    previous = torch.where(has_prev, offsets[prev] + row, total + row)
-    first, last = (at_end, at_start) if reverse else (at_start, at_end)
-    return first.to(device), last.to(device), previous.to(device)
 
 
 def _previous(states: Tensor, initial: Tensor, off_prev: int, n_prev: int, n: int) -> Tensor:
@@ -92,7 +59,8 @@ def lstm_layer_forward(x, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse, 
             rs.reshape(*lead, hidden) if w_hr is not None else rs)
 
 
-def lstm_layer_backward(d_out, d_hn, d_cn, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, reverse, out, gates, cs, rs):
+def lstm_layer_backward(d_out, d_hn, d_cn, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, reverse, out, gates, cs, rs,
+                        output_mask):
     acc = gates.dtype
     hidden, proj = c0.shape[1], h0.shape[1]
     lead = gates.shape[:-1]
@@ -125,10 +93,15 @@ def lstm_layer_backward(d_out, d_hn, d_cn, x, h0, c0, w_ih, w_hh, w_hr, batch_si
         dc[:n] = dc_t * f
         nxt = (off, n)
     first, _, previous = row_maps(batch_sizes, len(plan), h0.shape[0], reverse, out.device)
-    h_prev = torch.cat([out, h0]).to(acc)[previous]
-    dw_hh = d_gates.t() @ h_prev
-    dh0 = (d_gates[first] @ w).to(h0.dtype)
-    dw_hr = d_h.t() @ rs.reshape(-1, hidden) if w_hr is not None else gates.new_empty(0)
-    x_rows = x.reshape(-1, x.shape[-1]).to(acc)
-    dx = (d_gates @ w_ih.to(acc)).to(x.dtype).reshape(x.shape)
-    return dx, dh0, dc.to(c0.dtype), d_gates.t() @ x_rows, dw_hh, d_gates.sum(0), dw_hr
+    want_dx, want_dh0, want_dc0, want_dw_ih, want_dw_hh, want_d_bias, want_dw_hr = output_mask
+    h_prev = torch.cat([out, h0]).to(acc)[previous] if want_dw_hh else None
+    x_rows = x.reshape(-1, x.shape[-1]).to(acc) if want_dw_ih else None
+    return (
+        (d_gates @ w_ih.to(acc)).to(x.dtype).reshape(x.shape) if want_dx else x.new_empty(0),
+        (d_gates[first] @ w).to(h0.dtype) if want_dh0 else h0.new_empty(0),
+        dc.to(c0.dtype) if want_dc0 else c0.new_empty(0),
+        d_gates.t() @ x_rows if want_dw_ih else gates.new_empty(0),
+        d_gates.t() @ h_prev if want_dw_hh else gates.new_empty(0),
+        d_gates.sum(0) if want_d_bias else gates.new_empty(0),
+        d_h.t() @ rs.reshape(-1, hidden) if want_dw_hr and w_hr is not None else gates.new_empty(0),
+    )
