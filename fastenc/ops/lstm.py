@@ -108,7 +108,6 @@ def _setup_context(ctx, inputs, output):
     out, _, _, gates, cs, rs = output
     ctx.mark_non_differentiable(gates, cs, rs)
     ctx.set_materialize_grads(False)  # else each backward gets a zero-filled (T, B, 4H) gradient for `gates`
-    ctx.has_bias = bias is not None
     ctx.save_for_backward(x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, out, gates, cs, rs)
 
 
