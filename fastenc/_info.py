@@ -25,10 +25,10 @@ def _extension() -> dict[str, Any]:
     if reason is not None:
         return {"built": False, "reason": reason}
     extension = importlib.import_module("fastenc._C")
-    # Without them the native backend runs torch's or the reference's attention, and at::mm for the LSTM's
-    # weight gradients.
+    # cpu_attention needs AVX-512; without it the native backend has no attention. Without lstm_onednn_gemm the
+    # LSTM's weight gradients run at::mm.
     return {"built": True, "cuda_archs": backends.CUDA_ARCHS,
-            "cpu_attention (needs AVX-512)": extension.attention_cpu_available(),
+            "cpu_attention": extension.attention_cpu_available(),
             "lstm_onednn_gemm": extension.lstm_onednn_gemm_found()}
 
 

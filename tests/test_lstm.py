@@ -12,6 +12,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 import fastenc
 from fastenc import backends
 from fastenc import functional as F
+from fastenc.ops import lstm as lstm_op
 from fastenc.reference import lstm as reference
 from tests.conftest import compare_with_oracle
 
@@ -385,26 +386,40 @@ def test_backward_computes_only_the_gradients_asked_for(lstm_backend, proj, pack
                 assert got.shape == (0,), f"{grad_name} was not asked for, yet has shape {tuple(got.shape)}"
 
 
-@pytest.mark.parametrize("trained", [("weight_ih_l1", "weight_hh_l1"), ("weight_ih_l0", "bias_hh_l0")])
-def test_frozen_weights_and_an_input_without_gradient(lstm_backend, trained):
+# The masks each layer's backward gets (backward order: layer 1, then layer 0; none where nothing needs one).
+FROZEN_CASES = {
+    ("weight_ih_l1", "weight_hh_l1"): [[False, False, False, True, True, False, False]],
+    ("weight_ih_l0", "bias_hh_l0"): [[True, False, False, False, False, False, False],
+                                     [False, False, False, True, False, True, False]],
+}
+
+
+@pytest.mark.parametrize("trained,masks", FROZEN_CASES.items(), ids=["trained-over-frozen", "frozen-over-trained"])
+def test_frozen_weights_and_an_input_without_gradient(lstm_backend, monkeypatch, trained, masks):
     """The fine-tuning cases: a frozen layer under a trained one, or over it, and an input that needs no gradient.
-    The gradients autograd asks for are torch's."""
+    Each layer's backward is asked for what autograd needs and no more, and those gradients are torch's."""
     _, device = lstm_backend
     ours, theirs = _modules(device, num_layers=2)
-    for module in (ours, theirs):
+    exact = copy.deepcopy(theirs).double()
+    for module in (ours, theirs, exact):
         for param_name, p in module.named_parameters():
             p.requires_grad_(param_name in trained)
     x = _inputs(ours, "batched", False, device)[0]
-    results = []
-    for module in (ours, theirs):
+    asked = []
+    backward_op = lstm_op.lstm_layer_backward
+    monkeypatch.setattr(lstm_op, "lstm_layer_backward",
+                        lambda *args: asked.append(list(args[-2])) or backward_op(*args))
+
+    def outputs_and_grads(module, x):
         out, (h_n, c_n) = module(x)
         g = torch.Generator().manual_seed(4)
-        trained = [p for p in module.parameters() if p.requires_grad]
         grads_out = [torch.randn(t.shape, generator=g).to(t) for t in (out, h_n, c_n)]
-        results.append([out.detach(), *torch.autograd.grad((out, h_n, c_n), trained, grads_out)])
-    assert len(results[0]) == 1 + len(trained)
-    for got, expected in zip(*results):
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+        leaves = [p for p in module.parameters() if p.requires_grad]
+        return [out.detach(), *torch.autograd.grad((out, h_n, c_n), leaves, grads_out)]
+
+    got = outputs_and_grads(ours, x)
+    assert asked == masks
+    compare_with_oracle(["out", *trained], got, outputs_and_grads(theirs, x), outputs_and_grads(exact, x.double()))
 
 
 def test_swap_classes_keeps_the_state():

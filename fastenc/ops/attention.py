@@ -54,15 +54,14 @@ def _torch_supports(q, *_) -> str | None:
     return "torch's attention backend is its CPU flash kernel" if q.device.type != "cpu" else None
 
 
+_modules = {"reference": "fastenc.reference.attention", "torch": "fastenc.torch_ops.attention",
+            "triton": "fastenc.kernels.attention"}
+_supports = {"triton": _triton_supports, "torch": _torch_supports}
 # Where this CPU cannot run the native attention, the native backend has no attention (as for an op it lacks):
 # selected by name it runs the reference's, and every other op natively, instead of failing every model.
-backends.register(
-    "attention",
-    {"reference": "fastenc.reference.attention", "torch": "fastenc.torch_ops.attention",
-     "triton": "fastenc.kernels.attention", **({"native": "fastenc.native"} if _NATIVE_CPU else {})},
-    supports={"triton": _triton_supports, "torch": _torch_supports,
-              **({"native": _native_supports} if _NATIVE_CPU else {})},
-)
+if _NATIVE_CPU:
+    _modules["native"], _supports["native"] = "fastenc.native", _native_supports
+backends.register("attention", _modules, supports=_supports)
 
 
 @forward_op("fastenc::attention")

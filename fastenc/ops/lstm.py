@@ -121,8 +121,9 @@ def _backward(ctx, d_out, d_hn, d_cn, *_saved_grads):
     wanted = list(ctx.needs_input_grad[:7])
     grads = lstm_layer_backward(d_out, d_hn, d_cn, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, ctx.reverse, out,
                                 gates, cs, rs, wanted, ctx.backend)
-    dtypes = (x.dtype, h0.dtype, c0.dtype, w_ih.dtype, w_hh.dtype, w_ih.dtype, (w_ih if w_hr is None else w_hr).dtype)
-    return (*(g.to(dtype) if want else None for g, dtype, want in zip(grads, dtypes, wanted)), None, None, None, None)
+    # d_bias takes w_ih's dtype: the op's bias is the sum of torch's two bias vectors, in the weights' dtype.
+    like = (x, h0, c0, w_ih, w_hh, w_ih, w_hr)
+    return (*(g.to(t.dtype) if want else None for g, t, want in zip(grads, like, wanted)), None, None, None, None)
 
 
 lstm_layer.register_autograd(_backward, setup_context=_setup_context)
