@@ -99,9 +99,12 @@ def extension():
                    "csrc/cpu/layer_norm.cpp", "csrc/cpu/lstm.cpp"]
     # C++20 for std::bit_cast / std::span (csrc/cpu); torch's cpp_extension would otherwise pick its own default,
     # which is C++17 up to torch 2.13. The ISO modes turn off fused multiply-add contraction, which the vectorised
-    # polynomials (erfc, exp, tanh) rely on: -ffp-contract=fast brings it back. at::parallel_for is inline OpenMP
+    # polynomials (erfc, exp, tanh) rely on: -ffp-contract=fast brings it back. -fno-trapping-math lets gcc compute
+    # both sides of a select in the element functions: without AVX-512's masked lanes it would otherwise keep a
+    # float operation that might raise an exception behind a branch, and leave the AVX2 clone scalar (results are
+    # the same; nothing here reads the floating-point exception flags). at::parallel_for is inline OpenMP
     # code: without -fopenmp it would run every loop on one thread. (libgomp is the one torch itself loads.)
-    cxx_flags = ["-O3", "-std=c++20", "-ffp-contract=fast", "-fopenmp"]
+    cxx_flags = ["-O3", "-std=c++20", "-ffp-contract=fast", "-fno-trapping-math", "-fopenmp"]
     link_flags = ["-fopenmp"]
     depends = glob.glob(os.path.join("csrc", "**", "*.h"), recursive=True)
     if not want_cuda():

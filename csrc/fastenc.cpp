@@ -268,6 +268,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("name"));
   m.def("attention_cpu_available", &fastenc::attention_cpu_available,
         "Whether this CPU runs the native attention (x86 with AVX-512)");
+  m.def("lstm_fused_step_cpu_available", &fastenc::lstm_fused_step_cpu_available,
+        "Whether this CPU runs the native LSTM's fused float32 step (x86 with AVX-512)");
   m.def("lstm_onednn_gemm_found", &fastenc::lstm_onednn_gemm_found,
         "Whether the LSTM's CPU gradient GEMMs found oneDNN's matmul in libtorch (else they run at::mm)");
   m.def("cuda_archs", &fastenc::cuda_archs, "The archs the CUDA kernels were compiled for; [] without CUDA");

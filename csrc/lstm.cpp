@@ -248,7 +248,7 @@ LstmForward lstm_layer_forward(const at::Tensor& x, const at::Tensor& h0, const 
   // product and the cell in one pass (cpu/lstm.cpp; W_ih packed as W_hh is, the bias added at the cell), so there
   // is no GEMM before the loop. Elsewhere the input projection of all steps as one GEMM first, then per step a GEMM
   // (oneDNN on CPU, cuBLAS on CUDA) and the cell kernel.
-  const bool fused = lstm_fused_step_cpu_available(w_hh);
+  const bool fused = lstm_fused_step_takes(w_hh);
   // The fused step without a projection takes raw rows: no tensor is made per step (each narrow costs ~0.7 us,
   // several per step, against a step of ~100 us at hidden 256, batch 32).
   const bool raw = fused && !proj_on;
@@ -386,7 +386,7 @@ LstmBackward lstm_layer_backward(const at::Tensor& d_out, const at::Tensor& d_hn
   const auto w = w_hh.to(acc);
   // Fused as the forward's step (cpu/lstm.cpp), where there is no projection; else d_gates W_hh, what a step's
   // gates pass back to the h they read, as a GEMM, then the cell's backward.
-  const bool fused = !w_hr.has_value() && lstm_fused_step_cpu_available(w_hh);
+  const bool fused = !w_hr.has_value() && lstm_fused_step_takes(w_hh);
   const auto packed = fused ? lstm_pack_feedback_cpu(w) : at::Tensor();
   std::optional<Linear> feedback;
   if (!fused) feedback.emplace(w.t(), std::nullopt, batch);

@@ -43,7 +43,11 @@ void lstm_cell_backward_cpu(const at::Tensor& gates, const at::Tensor& c, const 
                             const at::Tensor& dr, at::Tensor& dc, at::Tensor& d_gates);
 // The fused CPU step (float32, x86 with AVX-512): x (n, I) W_ih^T + h_prev (n, P) W_hh^T + bias (4H), and the cell,
 // in one pass, as lstm_cell_forward_cpu; each weight (4H, depth) packed once per sequence by lstm_pack_forward_cpu.
-bool lstm_fused_step_cpu_available(const at::Tensor& w_hh);
+// Whether this build and CPU run it (for float32 CPU tensors; lstm_fused_step_takes says whether w_hh is one).
+bool lstm_fused_step_cpu_available();
+inline bool lstm_fused_step_takes(const at::Tensor& w_hh) {
+  return w_hh.is_cpu() && w_hh.scalar_type() == at::kFloat && lstm_fused_step_cpu_available();
+}
 at::Tensor lstm_pack_forward_cpu(const at::Tensor& w);
 // Raw rows (contiguous, row strides P, I, H, 4H, H, H), as it runs once per step and a tensor costs ~1 us to make;
 // gates may be null (not kept).

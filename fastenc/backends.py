@@ -12,8 +12,11 @@ Backends:
 
 Each op file registers, per backend, the module that implements it and, as data, which inputs that backend
 takes (`register(op, {backend: module_name}, supports={backend: fn})`, where fn(*the op's inputs) returns None or
-the reason it cannot take them). Every such module defines the same functions, `<op>_forward` and `<op>_backward`,
-and is imported only when first used, so `import fastenc` never needs triton or the extension. `select` picks the
+the reason it cannot take them), and where a backend takes some inputs but runs them slower than the next one
+of AUTO_ORDER, which "auto" passes over (`slower={backend: fn}`, the same kind of function; bench/results/ holds
+the measurements). Every such module defines the same functions, `<op>_forward` and `<op>_backward` (the LSTM's
+torch backend is the exception: torch's LSTM op with its own autograd, fastenc/torch_ops/lstm.py), and is
+imported only when first used, so `import fastenc` never needs triton or the extension. `select` picks the
 backend (global choice, `with backend(...)`, or FASTENC_BACKEND); the custom ops take its name and call
 `implementation`.
 """
@@ -45,25 +48,31 @@ AUTO_ORDER = {
 Supports = Callable[..., "str | None"]
 _implementations: dict[str, dict[str, str]] = {}
 _supports: dict[str, dict[str, Supports]] = {}
+_slower: dict[str, dict[str, Supports]] = {}
 _last_used: dict[str, str] = {}
 # set_backend() sets the process-wide choice; `with backend(...)` overrides it in the current thread / task.
 _global_choice = AUTO
 _scoped_choice: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastenc_backend", default=None)
 
 
-def register(op: str, modules: dict[str, str], supports: dict[str, Supports] | None = None) -> None:
+def register(op: str, modules: dict[str, str], supports: dict[str, Supports] | None = None,
+             slower: dict[str, Supports] | None = None) -> None:
     """Name, per backend, the module that implements `op`; the reference is required (it is the fallback).
 
     supports: per backend, a function of the op's inputs returning None when that backend takes them, else the
     reason it does not. It runs on every call (and is traced by torch.compile): tensor metadata only. A backend
     without an entry takes every input of the devices it runs.
+    slower: per backend, a function of the same inputs returning None, or why "auto" passes this backend over for
+    inputs it takes but runs slower than what comes after it in AUTO_ORDER. Selected by name, it still runs them.
     """
     unknown = set(modules) - set(BACKENDS)
-    if unknown or "reference" not in modules or not set(supports or {}) <= set(modules) - {"reference"}:
+    hooked = set(supports or {}) | set(slower or {})
+    if unknown or "reference" not in modules or not hooked <= set(modules) - {"reference"}:
         raise ValueError(f"op {op!r}: backends must be among {BACKENDS} and include 'reference' (which takes "
-                         f"every input), got {sorted(modules)} and supports for {sorted(supports or {})}")
+                         f"every input), got {sorted(modules)} and supports or slower for {sorted(hooked)}")
     _implementations[op] = dict(modules)
     _supports[op] = dict(supports or {})
+    _slower[op] = dict(slower or {})
 
 
 def implemented(op: str) -> list[str]:
@@ -176,11 +185,18 @@ def input_reason(op: str, backend: str, *inputs) -> str | None:
     return None if supports is None else supports(*inputs)
 
 
+def slower_reason(op: str, backend: str, *inputs) -> str | None:
+    """Why "auto" passes `backend` over for these inputs of `op` (it runs them slower than a later one), or None."""
+    slower = _slower[op].get(backend)
+    return None if slower is None else slower(*inputs)
+
+
 def select(op: str, device_type: str, *inputs) -> str:
     """The backend that runs `op` on `inputs` (the op's arguments before the backend name, on `device_type`
     tensors) under the current choice.
 
-    "auto" takes the first backend of AUTO_ORDER that can run here, implements the op and supports the inputs. A
+    "auto" takes the first backend of AUTO_ORDER that can run here, implements the op, supports the inputs and is
+    not registered as slower on them than the backends after it. A
     backend chosen by name that cannot take them raises, naming why; one without this op runs the reference.
     functional calls this and hands the name to the op's forward, which saves it for the backward: a backward
     always runs the backend its forward ran, whatever is selected when it runs. (torch.compile traces this
@@ -191,7 +207,7 @@ def select(op: str, device_type: str, *inputs) -> str:
     if chosen == AUTO:
         for name in AUTO_ORDER.get(device_type, ("reference",)):
             if (name in impls and unavailable_reason(name) is None and device_reason(name, device_type) is None
-                    and input_reason(op, name, *inputs) is None):
+                    and input_reason(op, name, *inputs) is None and slower_reason(op, name, *inputs) is None):
                 return name
         return "reference"
     reason = device_reason(chosen, device_type)

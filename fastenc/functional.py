@@ -288,7 +288,8 @@ def lstm_layer(
     size (weight_ih is (4H, input_size), gates i, f, g, o) and P the projection size (weight_hr (P, H)) or H.
     reverse=True runs the sequence backwards (the second direction of a bidirectional LSTM).
     The layer is the fused op fastenc::lstm_layer: the input projection of all steps as one GEMM (on AVX-512
-    CPUs, inside each step's fused kernel), then the recurrence.
+    CPUs, inside each step's fused kernel), then the recurrence; or, where that is not the faster, torch's own
+    LSTM op (the "torch" backend).
     Under autocast the layer runs in the autocast dtype, as torch's LSTM does.
     """
     if not isinstance(input, Tensor) or input.dtype not in _FLOAT_DTYPES:
@@ -324,5 +325,8 @@ def lstm_layer(
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (
         input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr))
     args = (input, h0, c0, weight_ih, weight_hh, bias, weight_hr, batch_sizes, bool(reverse), save)
-    out, h_n, c_n, *_ = run(_lstm_op.lstm_layer, *args, backends.select("lstm", input.device.type, *args))
+    backend = backends.select("lstm", input.device.type, *args)
+    if backend == "torch":
+        return backends.implementation("lstm", backend).lstm_layer(*args[:-1])
+    out, h_n, c_n, *_ = run(_lstm_op.lstm_layer, *args, backend)
     return out, h_n, c_n

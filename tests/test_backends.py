@@ -151,6 +151,19 @@ def test_a_backend_named_for_inputs_it_does_not_take_raises_naming_why():
             backends.select("test_only_picky", "cpu", torch.empty(2, 3))
 
 
+def test_auto_passes_over_a_backend_registered_as_slower_on_the_inputs():
+    backends.register("test_only_slow", {"reference": "fastenc.reference.layer_norm",
+                                         "torch": "fastenc.torch_ops.layer_norm", "native": "fastenc.native"},
+                      slower={"native": lambda x: "it is slow on odd widths" if x.shape[-1] % 2 else None})
+    if "native" not in fastenc.available_backends():
+        pytest.skip("needs the built extension")
+    assert backends.slower_reason("test_only_slow", "native", torch.empty(2, 3)) == "it is slow on odd widths"
+    assert backends.select("test_only_slow", "cpu", torch.empty(2, 3)) == "torch"  # auto: the next one
+    assert backends.select("test_only_slow", "cpu", torch.empty(2, 4)) == "native"
+    with fastenc.backend("native"):  # chosen by name it runs them
+        assert backends.select("test_only_slow", "cpu", torch.empty(2, 3)) == "native"
+
+
 @pytest.mark.skipif("native" not in fastenc.available_backends(), reason="needs the built extension")
 def test_native_without_its_cpu_attention_still_runs_attention():
     """The native attention needs AVX-512. Where this CPU lacks it the native backend has no attention, so a model

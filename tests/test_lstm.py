@@ -28,6 +28,14 @@ def lstm_backend(backend_device):
     return name, device
 
 
+@pytest.fixture
+def lstm_op_backend(lstm_backend):
+    """A backend with its own fastenc::lstm_layer (the torch backend runs torch's LSTM op in its place)."""
+    if lstm_backend[0] == "torch":
+        pytest.skip("the torch backend is torch's LSTM op, with its own autograd, run in place of fastenc's op")
+    return lstm_backend
+
+
 def _modules(device, seed=0, input_size=INPUT, hidden=HIDDEN, **config):
     """(fastenc module, torch module) with the same weights, in float32."""
     torch.manual_seed(seed)
@@ -284,6 +292,24 @@ def test_reference_backward_is_autograds(reverse, proj, packed):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_auto_on_a_cpu_runs_the_faster_lstm(dtype):
+    """"auto" on a CPU runs the native float32 LSTM only where its fused step runs (x86 with AVX-512), torch's LSTM
+    elsewhere (faster than the native per-step path there); other dtypes stay native. Either gives torch's numbers."""
+    ours, theirs = _modules("cpu", bidirectional=True)
+    inputs = _inputs(theirs, "packed", True, "cpu")
+    got = _run(ours, "packed", inputs) if dtype == torch.float32 else None
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        ours(inputs[0])
+    native = backends.unavailable_reason("native") is None
+    fused = native and lstm_op._FUSED_CPU_STEP
+    expected = "native" if fused or (native and dtype != torch.float32) else "torch"
+    assert backends.last_used()["lstm"] == expected
+    if got is not None:
+        compare_with_oracle(_names(ours, True), got, _run(theirs, "packed", inputs),
+                            _run(copy.deepcopy(theirs).double(), "packed", [t.double() for t in inputs]))
+
+
 def test_native_finds_onednns_matmul():
     """The native backward's CPU weight-gradient GEMMs look oneDNN's matmul up in libtorch by its symbol at run
     time: a torch that renamed it would lose that fast path without a word, so this test says so."""
@@ -346,16 +372,16 @@ def _op_args(device, proj, packed, reverse, save, backend, seed=7):
 
 @pytest.mark.parametrize("proj,packed,reverse,save", [(0, False, False, True), (3, True, True, True),
                                                       (3, True, False, False)])
-def test_opcheck(lstm_backend, proj, packed, reverse, save):
-    name, device = lstm_backend
+def test_opcheck(lstm_op_backend, proj, packed, reverse, save):
+    name, device = lstm_op_backend
     torch.library.opcheck(torch.ops.fastenc.lstm_layer.default, _op_args(device, proj, packed, reverse, save, name))
 
 
 @pytest.mark.parametrize("proj,packed,reverse", [(0, False, False), (3, True, False), (0, True, True)])
-def test_inference_saves_nothing_and_computes_the_same(lstm_backend, proj, packed, reverse):
+def test_inference_saves_nothing_and_computes_the_same(lstm_op_backend, proj, packed, reverse):
     """save=False (what functional passes when no gradient is wanted) returns the same outputs, bit for bit, and
     no saved tensors; in a packed batch each row's c_n still comes from its own last step."""
-    name, device = lstm_backend
+    name, device = lstm_op_backend
     training = torch.ops.fastenc.lstm_layer(*_op_args(device, proj, packed, reverse, True, name))
     inference = torch.ops.fastenc.lstm_layer(*_op_args(device, proj, packed, reverse, False, name))
     for what, a, b in zip(("out", "h_n", "c_n"), training, inference):
@@ -367,9 +393,9 @@ GRADIENT_NAMES = ["dx", "dh0", "dc0", "dw_ih", "dw_hh", "d_bias", "dw_hr"]
 
 
 @pytest.mark.parametrize("proj,packed,reverse", [(0, False, False), (3, True, True)])
-def test_backward_computes_only_the_gradients_asked_for(lstm_backend, proj, packed, reverse):
+def test_backward_computes_only_the_gradients_asked_for(lstm_op_backend, proj, packed, reverse):
     """output_mask: a gradient asked for is the one the full backward gives; one not asked for comes back empty."""
-    name, device = lstm_backend
+    name, device = lstm_op_backend
     args = _op_args(device, proj, packed, reverse, True, name)
     x, h0, c0, w_ih, w_hh, _, w_hr, batch_sizes = args[:8]
     out, h_n, c_n, *saved = torch.ops.fastenc.lstm_layer(*args)
@@ -395,10 +421,10 @@ FROZEN_CASES = {
 
 
 @pytest.mark.parametrize("trained,masks", FROZEN_CASES.items(), ids=["trained-over-frozen", "frozen-over-trained"])
-def test_frozen_weights_and_an_input_without_gradient(lstm_backend, monkeypatch, trained, masks):
+def test_frozen_weights_and_an_input_without_gradient(lstm_op_backend, monkeypatch, trained, masks):
     """The fine-tuning cases: a frozen layer under a trained one, or over it, and an input that needs no gradient.
     Each layer's backward is asked for what autograd needs and no more, and those gradients are torch's."""
-    _, device = lstm_backend
+    _, device = lstm_op_backend
     ours, theirs = _modules(device, num_layers=2)
     exact = copy.deepcopy(theirs).double()
     for module in (ours, theirs, exact):

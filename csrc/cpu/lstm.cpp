@@ -430,10 +430,10 @@ void lstm_cell_backward_cpu(const at::Tensor& gates, const at::Tensor& c, const 
   });
 }
 
-bool lstm_fused_step_cpu_available(const at::Tensor& w_hh) {
+bool lstm_fused_step_cpu_available() {
 #ifdef FASTENC_FUSED_STEP
   static const bool avx512 = __builtin_cpu_supports("avx512f");
-  return avx512 && w_hh.is_cpu() && w_hh.scalar_type() == at::kFloat;
+  return avx512;
 #else
   return false;
 #endif

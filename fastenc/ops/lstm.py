@@ -42,6 +42,8 @@ inside one launch) run under the same contract.
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 from torch import Tensor
 
@@ -53,9 +55,28 @@ def _triton_supports(x, *_) -> str | None:
     return "the triton lstm supports float16, bfloat16 and float32" if x.dtype == torch.float64 else None
 
 
+def _fused_cpu_step() -> bool:
+    """Whether fastenc._C is built and runs its fused float32 LSTM step on this CPU (x86 with AVX-512)."""
+    return backends.unavailable_reason("native") is None and importlib.import_module(
+        "fastenc._C").lstm_fused_step_cpu_available()
+
+
+_FUSED_CPU_STEP = _fused_cpu_step()
+
+
+def _native_slower(x, *_) -> str | None:
+    """In float32 on a CPU, the native LSTM is ahead of torch's oneDNN LSTM with its fused step only; without it,
+    a GEMM and a cell kernel per step, which torch's LSTM outruns (bench/results)."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and not _FUSED_CPU_STEP:
+        return "without AVX-512 the native float32 LSTM has no fused step, and torch's oneDNN LSTM is faster"
+    return None
+
+
+# The torch backend is torch's LSTM op itself, with its own autograd: functional runs it in place of this op.
 backends.register(
-    "lstm", {"reference": "fastenc.reference.lstm", "triton": "fastenc.kernels.lstm", "native": "fastenc.native"},
-    supports={"triton": _triton_supports},
+    "lstm", {"reference": "fastenc.reference.lstm", "torch": "fastenc.torch_ops.lstm",
+             "triton": "fastenc.kernels.lstm", "native": "fastenc.native"},
+    supports={"triton": _triton_supports}, slower={"native": _native_slower},
 )
 
 
