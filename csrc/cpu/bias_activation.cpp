@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "../bias_activation.h"
 #include "partials.h"
@@ -35,6 +36,9 @@ Act parse_activation(const std::string& name) {
 
 // Rows handed to a thread at least: ~32K elements, so small problems are not split into tiny chunks.
 constexpr int64_t kGrainElements = 32768;
+
+// Rows a float32 bias gradient sums before adding into the chunk's partial (see the backward).
+constexpr int64_t kSumRows = 32;
 
 int64_t row_grain(int64_t n) { return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(n, 1)); }
 
@@ -579,13 +583,23 @@ BiasActivationBackward bias_activation_backward_cpu(const at::Tensor& dy_in, con
                    partial.defined() ? partial.mutable_data_ptr<double>() + c * n : nullptr);
         continue;
       }
-      ac.db = partial.defined() ? partial.mutable_data_ptr<float>() + c * n : nullptr;
-      if (type == at::kFloat) {
-        backward_f32(ac, first, last, d);
-      } else if (type == at::kBFloat16) {
-        backward_bf16(ac, first, last, d);
-      } else {
-        backward_f16(ac, first, last, d);
+      float* chunk_db = partial.defined() ? partial.mutable_data_ptr<float>() + c * n : nullptr;
+      // The bias gradient in two levels: kSumRows rows summed into `block`, each block's sum into the chunk's
+      // row. A float32 running sum over all of a chunk's rows (thousands) would carry an error that many times an
+      // ulp; this way it is about kSumRows plus rows / kSumRows, near torch's own cascade summation.
+      std::vector<float> block(chunk_db ? n : 0);
+      ac.db = chunk_db ? block.data() : nullptr;
+      for (int64_t start = first; start < last; start += kSumRows) {
+        const int64_t stop = std::min(last, start + kSumRows);
+        std::fill(block.begin(), block.end(), 0.f);
+        if (type == at::kFloat) {
+          backward_f32(ac, start, stop, d);
+        } else if (type == at::kBFloat16) {
+          backward_bf16(ac, start, stop, d);
+        } else {
+          backward_f16(ac, start, stop, d);
+        }
+        for (int64_t j = 0; j < static_cast<int64_t>(block.size()); ++j) chunk_db[j] += block[j];
       }
     }
   });

@@ -22,11 +22,21 @@ def _native_supports(x, *_) -> str | None:
     return "fastenc._C's bias_activation runs CPU tensors" if x.device.type != "cpu" else None
 
 
+def _native_slower(x, bias, activation, dropout_p, _seed) -> str | None:
+    """The native exact GELU keeps its relative accuracy down the left tail (Phi from the upper tail, e^(-z^2/2)
+    from an exact square), which costs it more than torch's erf: its forward alone trails torch's on CPUs (AVX2
+    and AVX-512 alike, bench/results), while forward + backward, with the bias gradient fused, ties or leads."""
+    wants_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+    if activation == "gelu" and x.dtype == torch.float32 and dropout_p == 0 and not wants_grad:
+        return "torch's exact GELU is faster for a float32 forward without backward"
+    return None
+
+
 backends.register(
     "bias_activation",
     {"reference": "fastenc.reference.bias_activation", "torch": "fastenc.torch_ops.bias_activation",
      "triton": "fastenc.kernels.bias_activation", "native": "fastenc.native"},
-    supports={"native": _native_supports},
+    supports={"native": _native_supports}, slower={"native": _native_slower},
 )
 
 
