@@ -118,10 +118,17 @@ void check_lstm(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
   }
 }
 
+// The LSTM driver's GEMMs (at::mm where oneDNN's matmul is not found) run in the dtypes it chose: an autocast
+// region the caller's forward or backward runs in must not cast them again (functional applied autocast already).
+struct NoAutocast {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
+};
+
 LstmForward lstm_layer_forward_checked(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
                                        const at::Tensor& w_ih, const at::Tensor& w_hh,
                                        const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& w_hr,
                                        const std::optional<at::Tensor>& batch_sizes, bool reverse, bool save) {
+  const NoAutocast no_autocast;
   check_lstm(x, h0, c0, w_ih, w_hh, w_hr, batch_sizes);
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == w_ih.size(0), "bias must have shape (", w_ih.size(0),
@@ -139,27 +146,29 @@ LstmBackward lstm_layer_backward_checked(const at::Tensor& d_out, const at::Tens
                                          const std::optional<at::Tensor>& batch_sizes, bool reverse,
                                          const at::Tensor& out, const at::Tensor& gates, const at::Tensor& cs,
                                          const at::Tensor& rs, std::array<bool, 7> output_mask) {
+  const NoAutocast no_autocast;
   check_lstm(x, h0, c0, w_ih, w_hh, w_hr, batch_sizes);
   check_like(d_out, out, "d_out", "out");
   check_like(d_hn, h0, "d_hn", "h0");
   check_like(d_cn, c0, "d_cn", "c0");
   const int64_t hidden = c0.size(1);
   const auto lead = x.sizes().slice(0, x.dim() - 1);
-  const auto want = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const auto check_saved = [&](const at::Tensor& t, const char* name, int64_t width) {
+  // The states the forward saved are float32 (float64 for float64 x); out is in x's dtype.
+  const auto saved = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto check_saved = [&](const at::Tensor& t, const char* name, int64_t width, at::ScalarType want) {
     TORCH_CHECK(t.sizes().slice(0, t.dim() - 1) == lead && t.size(-1) == width && t.scalar_type() == want &&
                     t.device() == x.device(),
                 name, " must be saved by the forward: x's leading shape ", lead, " x ", width, ", ", want, " on ",
                 x.device(), "; got ", t.sizes(), ", ", t.scalar_type(), " on ", t.device());
   };
-  check_saved(gates, "gates", 4 * hidden);
-  check_saved(cs, "cs", hidden);
+  check_saved(gates, "gates", 4 * hidden, saved);
+  check_saved(cs, "cs", hidden, saved);
   if (w_hr.has_value()) {
-    check_saved(rs, "rs", hidden);
+    check_saved(rs, "rs", hidden, saved);
   } else {
     TORCH_CHECK(rs.numel() == 0, "rs must be empty without w_hr");
   }
-  check_saved(out, "out", h0.size(1));
+  check_saved(out, "out", h0.size(1), x.scalar_type());
   return lstm_layer_backward(d_out, d_hn, d_cn, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, reverse, out, gates, cs,
                              rs, output_mask);
 }

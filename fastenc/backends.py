@@ -114,6 +114,11 @@ def unavailable_reason(backend: str) -> str | None:
     return UNAVAILABLE.get(backend)
 
 
+def native_cpu_feature(probe: str) -> bool:
+    """Whether fastenc._C is built and its `probe` (e.g. "attention_cpu_available") says this CPU runs that kernel."""
+    return unavailable_reason("native") is None and getattr(importlib.import_module("fastenc._C"), probe)()
+
+
 def available_backends() -> list[str]:
     """The backends that can run here, in BACKENDS order."""
     return [b for b in BACKENDS if unavailable_reason(b) is None]

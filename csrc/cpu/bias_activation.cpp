@@ -37,7 +37,7 @@ Act parse_activation(const std::string& name) {
 // Rows handed to a thread at least: ~32K elements, so small problems are not split into tiny chunks.
 constexpr int64_t kGrainElements = 32768;
 
-// Rows a float32 bias gradient sums before adding into the chunk's partial (see the backward).
+// Rows (and blocks) a float32 bias gradient sums at each level of its cascade (see the backward).
 constexpr int64_t kSumRows = 32;
 
 int64_t row_grain(int64_t n) { return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(n, 1)); }
@@ -584,12 +584,13 @@ BiasActivationBackward bias_activation_backward_cpu(const at::Tensor& dy_in, con
         continue;
       }
       float* chunk_db = partial.defined() ? partial.mutable_data_ptr<float>() + c * n : nullptr;
-      // The bias gradient in two levels: kSumRows rows summed into `block`, each block's sum into the chunk's
-      // row. A float32 running sum over all of a chunk's rows (thousands) would carry an error that many times an
-      // ulp; this way it is about kSumRows plus rows / kSumRows, near torch's own cascade summation.
-      std::vector<float> block(chunk_db ? n : 0);
+      // The bias gradient as a cascade: kSumRows rows summed into `block`, kSumRows blocks into `group`, the groups
+      // into the chunk's row. A float32 running sum over all of a chunk's rows (thousands) carries an error that
+      // many ulps; the cascade's grows with 2 kSumRows plus rows / kSumRows^2 instead.
+      const int64_t width = chunk_db ? n : 0;
+      std::vector<float> block(width), group(width);
       ac.db = chunk_db ? block.data() : nullptr;
-      for (int64_t start = first; start < last; start += kSumRows) {
+      for (int64_t start = first, blocks = 1; start < last; start += kSumRows, ++blocks) {
         const int64_t stop = std::min(last, start + kSumRows);
         std::fill(block.begin(), block.end(), 0.f);
         if (type == at::kFloat) {
@@ -599,7 +600,11 @@ BiasActivationBackward bias_activation_backward_cpu(const at::Tensor& dy_in, con
         } else {
           backward_f16(ac, start, stop, d);
         }
-        for (int64_t j = 0; j < static_cast<int64_t>(block.size()); ++j) chunk_db[j] += block[j];
+        for (int64_t j = 0; j < width; ++j) group[j] += block[j];
+        if (blocks % kSumRows == 0 || stop == last) {
+          for (int64_t j = 0; j < width; ++j) chunk_db[j] += group[j];
+          std::fill(group.begin(), group.end(), 0.f);
+        }
       }
     }
   });

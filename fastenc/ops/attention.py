@@ -15,8 +15,6 @@ The ops take the backend's name (from backends.select, in functional); the backw
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 from torch import Tensor
 
@@ -28,13 +26,7 @@ def _triton_supports(q, *_) -> str | None:
     return "the triton attention supports float16, bfloat16 and float32" if q.dtype == torch.float64 else None
 
 
-def _native_cpu_attention() -> bool:
-    """Whether fastenc._C is built and this CPU runs its attention (x86 with AVX-512)."""
-    return backends.unavailable_reason("native") is None and importlib.import_module(
-        "fastenc._C").attention_cpu_available()
-
-
-_NATIVE_CPU = _native_cpu_attention()
+_NATIVE_CPU = backends.native_cpu_feature("attention_cpu_available")  # x86 with AVX-512
 
 
 def _native_supports(q, k, v, bias, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,

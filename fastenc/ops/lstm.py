@@ -42,8 +42,6 @@ inside one launch) run under the same contract.
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 from torch import Tensor
 
@@ -55,13 +53,7 @@ def _triton_supports(x, *_) -> str | None:
     return "the triton lstm supports float16, bfloat16 and float32" if x.dtype == torch.float64 else None
 
 
-def _fused_cpu_step() -> bool:
-    """Whether fastenc._C is built and runs its fused float32 LSTM step on this CPU (x86 with AVX-512)."""
-    return backends.unavailable_reason("native") is None and importlib.import_module(
-        "fastenc._C").lstm_fused_step_cpu_available()
-
-
-_FUSED_CPU_STEP = _fused_cpu_step()
+_FUSED_CPU_STEP = backends.native_cpu_feature("lstm_fused_step_cpu_available")  # x86 with AVX-512
 
 
 def _native_slower(x, *_) -> str | None:
