@@ -204,6 +204,39 @@ def test_gradients_through_one_output(lstm_backend, used):
     compare_with_oracle(_names(ours, True)[3:], *grads)
 
 
+
+def _gradient_penalty_grads(module, kind, inputs, seed=3):
+    """The gradients of |d loss / d inputs|^2 (a gradient penalty: a double backward through the layer) with
+    respect to the inputs and every parameter."""
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    params = list(module.parameters())
+    x, hx = leaves[0], tuple(leaves[1:])
+    if kind == "packed":
+        x = pack_padded_sequence(x, torch.tensor(LENGTHS), batch_first=module.batch_first, enforce_sorted=False)
+    out, (h_n, c_n) = module(x, hx)
+    out = out.data if kind == "packed" else out
+    g = torch.Generator().manual_seed(seed)
+    grads_out = [torch.randn(t.shape, generator=g).to(t) for t in (out, h_n, c_n)]
+    first = torch.autograd.grad((out, h_n, c_n), leaves, grads_out, create_graph=True)
+    penalty = sum((d * d).sum() for d in first)
+    return list(torch.autograd.grad(penalty, leaves + params))
+
+
+@pytest.mark.parametrize("config,kind", [(dict(), "batched"),
+                                         (dict(num_layers=2, bidirectional=True, proj_size=4), "packed")])
+def test_double_backward_against_torch(lstm_backend, config, kind):
+    """Gradients of gradients through the layer (every backend's first backward under create_graph) against
+    torch's LSTM, with torch's LSTM in float64 as the oracle."""
+    name, device = lstm_backend
+    ours, theirs = _modules(device, **config)
+    inputs = _inputs(theirs, kind, True, device)
+    with fastenc.backend(name):
+        got = _gradient_penalty_grads(ours, kind, inputs)
+    want = _gradient_penalty_grads(theirs, kind, inputs)
+    exact = _gradient_penalty_grads(copy.deepcopy(theirs).double(), kind, [t.double() for t in inputs])
+    compare_with_oracle(_names(ours, True)[3:], got, want, exact)
+    assert backends.last_used()["lstm"] == name
+
 PACKED_LENGTHS = {  # batch sizes 1, 4 and 33 of random lengths; and 12 rows whose shares on 2 or 3 threads start
     # past the last step's one row (a share with no rows in a step next to one with some)
     f"random-{batch}": torch.randint(1, 13, (batch,), generator=torch.Generator().manual_seed(5)).tolist()

@@ -148,3 +148,20 @@ def test_learned_mask_is_differentiated_as_torch_does(backend_device):
 def test_torchscript_says_it_cannot_and_names_torch_compile(build):
     with pytest.raises(RuntimeError, match=r"cannot be compiled by torch.jit.script .* use torch.compile"):
         torch.jit.script(build())
+
+
+@pytest.mark.parametrize("padding", [False, True], ids=["hint", "hint-with-padding"])
+def test_causal_hint_takes_torchs_reading_of_attn_mask(backend_device, padding):
+    """As torch: without a padding mask the hint stands for attn_mask, which is not read (one query against S keys
+    with a mask shaped for S x S, as an incremental decoder passes it, sees key 0 only); with one, attn_mask itself
+    is merged with the padding mask (here a mask that is not causal at all)."""
+    _, device = backend_device
+    ours, theirs = _pair(device, batch_first=True)
+    g = torch.Generator().manual_seed(5)
+    query = torch.randn(N, 1 if not padding else S, E, generator=g).to(device)
+    memory = torch.randn(N, S, E, generator=g).to(device)
+    kwargs = dict(attn_mask=(torch.rand(S, S, generator=g) > 0.7).to(device), is_causal=True)
+    kwargs["attn_mask"][:, 0] = False
+    if padding:
+        kwargs["key_padding_mask"] = (torch.arange(S)[None, :] >= torch.tensor([[S], [5]])).to(device)
+    _compare(ours, theirs, (query, memory, memory), **kwargs)

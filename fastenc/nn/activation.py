@@ -62,6 +62,10 @@ class MultiheadAttention(NotScriptable, torch.nn.MultiheadAttention):
                                    average_attn_weights, is_causal)
         if is_causal and attn_mask is None:
             raise RuntimeError("is_causal=True is a hint that attn_mask is the causal mask: pass attn_mask too")
+        if is_causal:
+            # As torch: without a padding mask the hint stands for attn_mask, which is then not read (nor its
+            # shape checked); with one, attn_mask is merged with it, and the merged mask is no longer causal.
+            attn_mask, is_causal = (None, True) if key_padding_mask is None else (attn_mask, False)
         self._check(query, key, value, key_padding_mask, attn_mask)
         same_input = query is key and key is value  # self-attention: one projection GEMM
         unbatched = query.dim() == 2
@@ -110,7 +114,7 @@ class MultiheadAttention(NotScriptable, torch.nn.MultiheadAttention):
         h = self.num_heads
         q, k, v = self._project(query, key, value, same_input)
         bias = None
-        if attn_mask is not None and not is_causal:
+        if attn_mask is not None:
             if attn_mask.dim() == 3:
                 attn_mask = attn_mask.reshape(n, h, l_q, attn_mask.shape[-1])
             bias = attn_mask if attn_mask.is_floating_point() else torch.zeros(
