@@ -50,6 +50,7 @@ _implementations: dict[str, dict[str, str]] = {}
 _supports: dict[str, dict[str, Supports]] = {}
 _slower: dict[str, dict[str, Supports]] = {}
 _last_used: dict[str, str] = {}
+_imported: dict[str, ModuleType] = {}  # implementation modules by path
 # set_backend() sets the process-wide choice; `with backend(...)` overrides it in the current thread / task.
 _global_choice = AUTO
 _scoped_choice: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastenc_backend", default=None)
@@ -230,7 +231,10 @@ def select(op: str, device_type: str, *inputs) -> str:
 def implementation(op: str, backend: str) -> ModuleType:
     """The module implementing `op` for `backend` (from select), imported on first use; records it as used."""
     _last_used[op] = backend
-    return importlib.import_module(_implementations[op][backend])
+    path = _implementations[op][backend]
+    if path not in _imported:  # import_module's own lookup would cost every small op's call a few microseconds
+        _imported[path] = importlib.import_module(path)
+    return _imported[path]
 
 
 def last_used() -> dict[str, str]:
