@@ -105,6 +105,20 @@ def outputs_and_grads(fn, inputs, grad_outputs, cast=None):
     return [o.detach() for o in outs] + list(grads)
 
 
+
+def gradient_penalty_grads(fn, inputs, params=(), cast=None, seed=3):
+    """A double backward through fn: the gradients, with respect to `inputs` and `params`, of the penalty
+    |d <fn(inputs), g> / d inputs|^2 for random g, the first backward taken with create_graph. `cast` as in
+    outputs_and_grads (the float64 oracle)."""
+    leaves = [(t.to(cast) if cast else t).detach().clone().requires_grad_() for t in inputs]
+    outs = fn(*leaves)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    g = torch.Generator().manual_seed(seed)
+    grads_out = [torch.randn(t.shape, generator=g).to(t) for t in outs]
+    first = torch.autograd.grad(outs, leaves, grads_out, create_graph=True)
+    penalty = sum((d * d).sum() for d in first)
+    return list(torch.autograd.grad(penalty, leaves + list(params)))
+
 def compare_with_oracle(names, ours, torch_results, oracle):
     """assert_close_to_oracle for each named output / gradient."""
     assert len(names) == len(ours) == len(torch_results) == len(oracle), (names, len(ours), len(oracle))

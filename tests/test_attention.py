@@ -7,12 +7,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as TF
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fastenc
 from fastenc import backends
 from fastenc import functional as F
 from fastenc.reference.attention import attention_math
-from tests.conftest import compare_with_oracle, outputs_and_grads, skip_unless_takes
+from tests.conftest import compare_with_oracle, gradient_penalty_grads, outputs_and_grads, skip_unless_takes
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (B, H, S_q, S_k, D): lengths of 1, primes, S_q != S_k both ways, head dims that are not powers of two.
@@ -123,6 +124,27 @@ def test_masks_that_are_not_contiguous(attention_backend):
         for name, a, e in zip(["out", "dq", "dk", "dv"], got, want):
             torch.testing.assert_close(a, e, atol=0, rtol=0, msg=lambda m: f"{name}: {m}")
 
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_double_backward_against_torch(attention_backend, is_causal):
+    """Gradients of a gradient penalty through attention with a padding mask, against torch's SDPA on its math
+    path (the one torch differentiates twice)."""
+    _, device = attention_backend
+    q, k, v = _qkv(2, 3, 5, 6, 16, torch.float32, device)
+    padding = torch.tensor([[False] * 6, [False] * 4 + [True] * 2], device=device)
+
+    def ours(q, k, v):
+        return F.attention(q, k, v, key_padding_mask=padding, is_causal=is_causal)
+
+    def sdpa(q, k, v):
+        mask = _torch_mask(2, 3, 5, 6, None, padding, is_causal, q.dtype, q.device)
+        with sdpa_kernel(SDPBackend.MATH):
+            return TF.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    compare_with_oracle(["d q", "d k", "d v"], gradient_penalty_grads(ours, (q, k, v)),
+                        gradient_penalty_grads(sdpa, (q, k, v)),
+                        gradient_penalty_grads(sdpa, (q, k, v), cast=torch.float64))
 
 def test_long_sequences_on_compiled_backends(attention_backend):
     name, device = attention_backend

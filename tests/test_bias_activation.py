@@ -12,7 +12,7 @@ import fastenc
 from fastenc import backends
 from fastenc import functional as F
 from fastenc.reference import bias_activation as reference
-from tests.conftest import compare_with_oracle, outputs_and_grads, skip_unless_takes
+from tests.conftest import compare_with_oracle, gradient_penalty_grads, outputs_and_grads, skip_unless_takes
 
 TORCH_ACTIVATIONS = {
     "relu": TF.relu,
@@ -57,6 +57,20 @@ def test_against_oracle(op_backend, activation, dtype, shape):
     compare_with_oracle(["y", "dx", "dbias"], got, outputs_and_grads(eager, (x, b), [dy]),
                         outputs_and_grads(eager, (x, b), [dy], cast=torch.float64))
 
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])  # ReLU's second derivative is 0
+def test_double_backward_against_torch(op_backend, activation):
+    """Gradients of a gradient penalty through the op, as torch's activations give them."""
+    _, device = op_backend
+    x, b = _inputs((7, 33), torch.float32, device)
+
+    def eager(x, b):
+        return TORCH_ACTIVATIONS[activation](x + b)
+
+    got = gradient_penalty_grads(lambda x, b: F.bias_activation(x, b, activation), (x, b))
+    compare_with_oracle(["d x", "d bias"], got, gradient_penalty_grads(eager, (x, b)),
+                        gradient_penalty_grads(eager, (x, b), cast=torch.float64))
 
 def test_without_bias_and_with_float32_bias(op_backend):
     _, device = op_backend

@@ -14,7 +14,7 @@ from fastenc import backends
 from fastenc import functional as F
 from fastenc.ops import lstm as lstm_op
 from fastenc.reference import lstm as reference
-from tests.conftest import compare_with_oracle
+from tests.conftest import compare_with_oracle, gradient_penalty_grads
 
 INPUT, HIDDEN, STEPS, BATCH = 5, 6, 4, 3
 LENGTHS = [3, 4, 1]  # unsorted, with the longest in the middle and a one-step sequence
@@ -205,21 +205,14 @@ def test_gradients_through_one_output(lstm_backend, used):
 
 
 
-def _gradient_penalty_grads(module, kind, inputs, seed=3):
-    """The gradients of |d loss / d inputs|^2 (a gradient penalty: a double backward through the layer) with
-    respect to the inputs and every parameter."""
-    leaves = [t.detach().clone().requires_grad_() for t in inputs]
-    params = list(module.parameters())
-    x, hx = leaves[0], tuple(leaves[1:])
-    if kind == "packed":
-        x = pack_padded_sequence(x, torch.tensor(LENGTHS), batch_first=module.batch_first, enforce_sorted=False)
-    out, (h_n, c_n) = module(x, hx)
-    out = out.data if kind == "packed" else out
-    g = torch.Generator().manual_seed(seed)
-    grads_out = [torch.randn(t.shape, generator=g).to(t) for t in (out, h_n, c_n)]
-    first = torch.autograd.grad((out, h_n, c_n), leaves, grads_out, create_graph=True)
-    penalty = sum((d * d).sum() for d in first)
-    return list(torch.autograd.grad(penalty, leaves + params))
+def _gradient_penalty_grads(module, kind, inputs):
+    """gradient_penalty_grads through the module (inputs: x, h0, c0), with respect to them and its parameters."""
+    def layer(x, h0, c0):
+        if kind == "packed":
+            x = pack_padded_sequence(x, torch.tensor(LENGTHS), batch_first=module.batch_first, enforce_sorted=False)
+        out, (h_n, c_n) = module(x, (h0, c0))
+        return (out.data if kind == "packed" else out), h_n, c_n
+    return gradient_penalty_grads(layer, inputs, module.parameters())
 
 
 @pytest.mark.parametrize("config,kind", [(dict(), "batched"),

@@ -230,6 +230,26 @@ def test_torch_compile_fullgraph_encoder():
     torch.testing.assert_close(compiled(x, src_key_padding_mask=padding), encoder(x, src_key_padding_mask=padding))
 
 
+@pytest.mark.parametrize("model", ["encoder", "lstm"])
+def test_torch_export(backend_device, model):
+    """torch.export captures fastenc's ops as custom ops (their fake kernels give the shapes), and the exported
+    program computes what the module computes."""
+    name, device = backend_device
+    torch.manual_seed(0)
+    if model == "encoder":
+        layer = fastenc.nn.TransformerEncoderLayer(D, NHEAD, FF, dropout=0.0, batch_first=True)
+        module = fastenc.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).to(device).eval()
+        args = (torch.randn(2, 5, D, device=device),)
+        kwargs = {"src_key_padding_mask": torch.tensor([[False] * 5, [False] * 3 + [True] * 2], device=device)}
+    else:
+        module = fastenc.nn.LSTM(D, 6, num_layers=2, bidirectional=True).to(device)
+        args, kwargs = (torch.randn(5, 2, D, device=device),), {}
+    with fastenc.backend(name):
+        program = torch.export.export(module, args, kwargs)
+        torch.testing.assert_close(program.module()(*args, **kwargs), module(*args, **kwargs))
+    runs_a_fastenc_op = not (model == "lstm" and name == "torch")  # the torch backend's LSTM is torch's own op
+    assert any(str(node.target).startswith("fastenc.") for node in program.graph.nodes) == runs_a_fastenc_op
+
 @pytest.mark.parametrize(
     "build,call,error,match",
     [

@@ -30,3 +30,15 @@ def run(op, *args):
               and all(type(t) in _PLAIN_TENSORS and not t.is_meta and not (grad and t.requires_grad) for t in tensors)
               and not torch.is_autocast_enabled(tensors[0].device.type))
     return (op.body if direct else op)(*args)
+
+
+def gradients_with_graph(outputs, grads_out, inputs, needs_input_grad) -> list[Tensor | None]:
+    """An op's input gradients as autograd can differentiate them again (a backward under create_graph=True:
+    gradient penalties, Hessian-vector products). `outputs` are the op's differentiable outputs recomputed by its
+    reference (plain torch ops) from the saved inputs, under autograd; the gradients are theirs, taken with
+    create_graph. None for the inputs not in needs_input_grad."""
+    used = [(out, grad) for out, grad in zip(outputs, grads_out) if grad is not None]
+    wanted = [t for t, want in zip(inputs, needs_input_grad) if want]
+    grads = iter(torch.autograd.grad([o for o, _ in used], wanted, [g for _, g in used], create_graph=True,
+                                     allow_unused=True))
+    return [next(grads) if want else None for want in needs_input_grad[:len(inputs)]]

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from fastenc import backends
-from fastenc.ops import forward_op
+from fastenc.ops import forward_op, gradients_with_graph
 
 
 def _triton_supports(q, *_) -> str | None:
@@ -103,6 +103,12 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, bias, key_padding_mask, cu_q, cu_k, seed = ctx.saved_tensors
     max_q, max_k, is_causal, scale, dropout_p, backend = ctx.sizes_flags_backend
+    if torch.is_grad_enabled():  # create_graph=True: the gradients are differentiated again
+        from fastenc.reference import attention as reference
+
+        out, _ = reference.attention_forward(q, k, v, bias, key_padding_mask, cu_q, cu_k, max_q, max_k, is_causal,
+                                             scale, dropout_p, seed)
+        return *gradients_with_graph((out,), (dout,), (q, k, v), ctx.needs_input_grad), *([None] * 11)
     dq, dk, dv = attention_backward(dout, q, k, v, out, lse, bias, key_padding_mask, cu_q, cu_k, max_q, max_k,
                                     is_causal, scale, dropout_p, seed, backend)
     return dq, dk, dv, *([None] * 11)

@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from fastenc import backends
-from fastenc.ops import forward_op
+from fastenc.ops import forward_op, gradients_with_graph
 
 
 def _triton_supports(x, *_) -> str | None:
@@ -129,7 +129,12 @@ def _backward(ctx, d_out, d_hn, d_cn, *_saved_grads):
         raise RuntimeError("fastenc::lstm_layer ran with save=False, so it has no backward; pass save=True")
     x, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, out, gates, cs, rs = ctx.saved_tensors
     if torch.is_grad_enabled():  # create_graph=True: the gradients are differentiated again
-        return _differentiable_backward(ctx, (x, h0, c0, w_ih, w_hh, bias, w_hr), batch_sizes, (d_out, d_hn, d_cn))
+        from fastenc.reference import lstm as reference
+
+        inputs = (x, h0, c0, w_ih, w_hh, bias, w_hr)
+        outputs = reference.lstm_layer_forward(*inputs, batch_sizes, ctx.reverse, True)[:3]
+        return (*gradients_with_graph(outputs, (d_out, d_hn, d_cn), inputs, ctx.needs_input_grad),
+                None, None, None, None)
     d_out = torch.zeros_like(out) if d_out is None else d_out
     d_hn = torch.zeros_like(h0) if d_hn is None else d_hn
     d_cn = torch.zeros_like(c0) if d_cn is None else d_cn
@@ -139,20 +144,6 @@ def _backward(ctx, d_out, d_hn, d_cn, *_saved_grads):
     # d_bias takes w_ih's dtype: the op's bias is the sum of torch's two bias vectors, in the weights' dtype.
     like = (x, h0, c0, w_ih, w_hh, w_ih, w_hr)
     return (*(g.to(t.dtype) if want else None for g, t, want in zip(grads, like, wanted)), None, None, None, None)
-
-
-def _differentiable_backward(ctx, inputs, batch_sizes, grads_out):
-    """Gradients that autograd can differentiate again (gradient penalties, Hessian-vector products): the
-    reference's forward recomputed from the saved inputs under autograd, and its graph differentiated with
-    create_graph. The gates of the first forward are not used: they do not carry the inputs' graph."""
-    from fastenc.reference import lstm as reference
-
-    wanted = [t for t, want in zip(inputs, ctx.needs_input_grad) if want]
-    outs = reference.lstm_layer_forward(*inputs, batch_sizes, ctx.reverse, True)[:3]
-    used = [(out, grad) for out, grad in zip(outs, grads_out) if grad is not None]
-    grads = iter(torch.autograd.grad([o for o, _ in used], wanted, [g for _, g in used], create_graph=True,
-                                     allow_unused=True))
-    return (*(next(grads) if want else None for want in ctx.needs_input_grad[:7]), None, None, None, None)
 
 
 lstm_layer.register_autograd(_backward, setup_context=_setup_context)
