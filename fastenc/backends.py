@@ -232,7 +232,7 @@ def implementation(op: str, backend: str) -> ModuleType:
     """The module implementing `op` for `backend` (from select), imported on first use; records it as used."""
     _last_used[op] = backend
     path = _implementations[op][backend]
-    if path not in _imported:  # import_module's own lookup would cost every small op's call a few microseconds
+    if path not in _imported:  # import_module's own lookup costs about a microsecond on every op call
         _imported[path] = importlib.import_module(path)
     return _imported[path]
 

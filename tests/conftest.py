@@ -105,7 +105,6 @@ def outputs_and_grads(fn, inputs, grad_outputs, cast=None):
     return [o.detach() for o in outs] + list(grads)
 
 
-
 def gradient_penalty_grads(fn, inputs, params=(), cast=None, seed=3):
     """A double backward through fn: the gradients, with respect to `inputs` and `params`, of the penalty
     |d <fn(inputs), g> / d inputs|^2 for random g, the first backward taken with create_graph. `cast` as in
@@ -118,6 +117,7 @@ def gradient_penalty_grads(fn, inputs, params=(), cast=None, seed=3):
     first = torch.autograd.grad(outs, leaves, grads_out, create_graph=True)
     penalty = sum((d * d).sum() for d in first)
     return list(torch.autograd.grad(penalty, leaves + list(params)))
+
 
 def compare_with_oracle(names, ours, torch_results, oracle):
     """assert_close_to_oracle for each named output / gradient."""

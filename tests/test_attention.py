@@ -125,7 +125,6 @@ def test_masks_that_are_not_contiguous(attention_backend):
             torch.testing.assert_close(a, e, atol=0, rtol=0, msg=lambda m: f"{name}: {m}")
 
 
-
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_double_backward_against_torch(attention_backend, is_causal):
     """Gradients of a gradient penalty through attention with a padding mask, against torch's SDPA on its math
@@ -145,6 +144,7 @@ def test_double_backward_against_torch(attention_backend, is_causal):
     compare_with_oracle(["d q", "d k", "d v"], gradient_penalty_grads(ours, (q, k, v)),
                         gradient_penalty_grads(sdpa, (q, k, v)),
                         gradient_penalty_grads(sdpa, (q, k, v), cast=torch.float64))
+
 
 def test_long_sequences_on_compiled_backends(attention_backend):
     name, device = attention_backend

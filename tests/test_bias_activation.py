@@ -58,7 +58,6 @@ def test_against_oracle(op_backend, activation, dtype, shape):
                         outputs_and_grads(eager, (x, b), [dy], cast=torch.float64))
 
 
-
 @pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])  # ReLU's second derivative is 0
 def test_double_backward_against_torch(op_backend, activation):
     """Gradients of a gradient penalty through the op, as torch's activations give them."""
@@ -71,6 +70,7 @@ def test_double_backward_against_torch(op_backend, activation):
     got = gradient_penalty_grads(lambda x, b: F.bias_activation(x, b, activation), (x, b))
     compare_with_oracle(["d x", "d bias"], got, gradient_penalty_grads(eager, (x, b)),
                         gradient_penalty_grads(eager, (x, b), cast=torch.float64))
+
 
 def test_without_bias_and_with_float32_bias(op_backend):
     _, device = op_backend
@@ -123,6 +123,7 @@ def test_opcheck(op_backend):
 
 
 # ---- The native CPU kernels (fastenc.native): float64 too, odd sizes, strides, the float32 math they are built on.
+
 
 @pytest.fixture
 def native():

@@ -204,7 +204,6 @@ def test_gradients_through_one_output(lstm_backend, used):
     compare_with_oracle(_names(ours, True)[3:], *grads)
 
 
-
 def _gradient_penalty_grads(module, kind, inputs):
     """gradient_penalty_grads through the module (inputs: x, h0, c0), with respect to them and its parameters."""
     def layer(x, h0, c0):
@@ -229,6 +228,7 @@ def test_double_backward_against_torch(lstm_backend, config, kind):
     exact = _gradient_penalty_grads(copy.deepcopy(theirs).double(), kind, [t.double() for t in inputs])
     compare_with_oracle(_names(ours, True)[3:], got, want, exact)
     assert backends.last_used()["lstm"] == name
+
 
 PACKED_LENGTHS = {  # batch sizes 1, 4 and 33 of random lengths; and 12 rows whose shares on 2 or 3 threads start
     # past the last step's one row (a share with no rows in a step next to one with some)

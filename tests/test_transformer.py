@@ -250,6 +250,7 @@ def test_torch_export(backend_device, model):
     runs_a_fastenc_op = not (model == "lstm" and name == "torch")  # the torch backend's LSTM is torch's own op
     assert any(str(node.target).startswith("fastenc.") for node in program.graph.nodes) == runs_a_fastenc_op
 
+
 @pytest.mark.parametrize(
     "build,call,error,match",
     [

@@ -60,9 +60,9 @@ class MultiheadAttention(NotScriptable, torch.nn.MultiheadAttention):
         if need_weights or learned_mask:
             return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask,
                                    average_attn_weights, is_causal)
-        if is_causal and attn_mask is None:
-            raise RuntimeError("is_causal=True is a hint that attn_mask is the causal mask: pass attn_mask too")
         if is_causal:
+            if attn_mask is None:
+                raise RuntimeError("is_causal=True is a hint that attn_mask is the causal mask: pass attn_mask too")
             # As torch: without a padding mask the hint stands for attn_mask, which is then not read (nor its
             # shape checked); with one, attn_mask is merged with it, and the merged mask is no longer causal.
             attn_mask, is_causal = (None, True) if key_padding_mask is None else (attn_mask, False)

@@ -32,13 +32,13 @@ def run(op, *args):
     return (op.body if direct else op)(*args)
 
 
-def gradients_with_graph(outputs, grads_out, inputs, needs_input_grad) -> list[Tensor | None]:
-    """An op's input gradients as autograd can differentiate them again (a backward under create_graph=True:
-    gradient penalties, Hessian-vector products). `outputs` are the op's differentiable outputs recomputed by its
-    reference (plain torch ops) from the saved inputs, under autograd; the gradients are theirs, taken with
-    create_graph. None for the inputs not in needs_input_grad."""
-    used = [(out, grad) for out, grad in zip(outputs, grads_out) if grad is not None]
-    wanted = [t for t, want in zip(inputs, needs_input_grad) if want]
-    grads = iter(torch.autograd.grad([o for o, _ in used], wanted, [g for _, g in used], create_graph=True,
-                                     allow_unused=True))
-    return [next(grads) if want else None for want in needs_input_grad[:len(inputs)]]
+def autograd_gradients(outputs, grads_out, inputs, wanted, create_graph=True) -> list[Tensor | None]:
+    """What the ops' higher derivatives are built from: the gradients of `outputs` (recomputed by the op's
+    reference, plain torch ops, under autograd) for `grads_out`, with respect to the `inputs` flagged in `wanted`;
+    None for the others and for those no used output reaches. With create_graph (a backward under
+    create_graph=True: gradient penalties, Hessian-vector products) the gradients can be differentiated again."""
+    used = [(out, grad) for out, grad in zip(outputs, grads_out) if grad is not None and out.requires_grad]
+    chosen = [t for t, want in zip(inputs, wanted) if want]
+    grads = iter(torch.autograd.grad([o for o, _ in used], chosen, [g for _, g in used], create_graph=create_graph,
+                                     allow_unused=True) if used else [None] * len(chosen))
+    return [next(grads) if want else None for want in wanted[:len(inputs)]]

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from fastenc import backends
-from fastenc.ops import forward_op, gradients_with_graph
+from fastenc.ops import autograd_gradients, forward_op
 
 
 def _triton_supports(q, *_) -> str | None:
@@ -108,7 +108,7 @@ def _backward(ctx, dout, dlse):
 
         out, _ = reference.attention_forward(q, k, v, bias, key_padding_mask, cu_q, cu_k, max_q, max_k, is_causal,
                                              scale, dropout_p, seed)
-        return *gradients_with_graph((out,), (dout,), (q, k, v), ctx.needs_input_grad), *([None] * 11)
+        return *autograd_gradients((out,), (dout,), (q, k, v), ctx.needs_input_grad), *([None] * 11)
     dq, dk, dv = attention_backward(dout, q, k, v, out, lse, bias, key_padding_mask, cu_q, cu_k, max_q, max_k,
                                     is_causal, scale, dropout_p, seed, backend)
     return dq, dk, dv, *([None] * 11)

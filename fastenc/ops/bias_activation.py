@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from fastenc import backends
-from fastenc.ops import forward_op, gradients_with_graph
+from fastenc.ops import autograd_gradients, forward_op
 
 
 def _native_supports(x, *_) -> str | None:
@@ -76,7 +76,7 @@ def _backward(ctx, dy):
         from fastenc.reference import bias_activation as reference
 
         y = reference.bias_activation_forward(x, bias, ctx.activation, ctx.dropout_p, seed)
-        return *gradients_with_graph((y,), (dy,), (x, bias), ctx.needs_input_grad), None, None, None, None
+        return *autograd_gradients((y,), (dy,), (x, bias), ctx.needs_input_grad), None, None, None, None
     dx, dbias = bias_activation_backward(dy, x, bias, ctx.activation, ctx.dropout_p, seed, ctx.backend)
     return dx, (dbias.to(bias.dtype) if bias is not None else None), None, None, None, None
 

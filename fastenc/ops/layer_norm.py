@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from fastenc import backends
-from fastenc.ops import forward_op
+from fastenc.ops import autograd_gradients, forward_op
 from fastenc.reference.layer_norm import stat_dtype
 
 # The Triton kernels hold a whole row on chip.
@@ -132,13 +132,10 @@ def _double_backward(ctx, ddx, ddweight, ddbias):
         eps = (rstd.double().reciprocal().square() - var.detach().double()).to(rstd.dtype)
         outputs = reference.layer_norm_backward(leaves[0], leaves[1], leaves[2], leaves[3], xf.mean(dim=-1),
                                                 torch.rsqrt(var + eps), ctx.has_bias)
-        used = [(out, grad) for out, grad in zip(outputs, (ddx, ddweight, ddbias))
-                if grad is not None and out.numel() and out.requires_grad]
-        wanted = [t for t in leaves if t is not None]
-        grads = iter(torch.autograd.grad([o for o, _ in used], wanted, [g for _, g in used], allow_unused=True)
-                     if used else [None] * len(wanted))
-    dy_grad, dsum_grad, xs_grad, weight_grad = (None if t is None else next(grads) for t in leaves)
-    return dy_grad, dsum_grad, xs_grad, weight_grad, None, None, None, None
+        # The leaves are detached copies: a graph of these gradients would not reach the real inputs.
+        grads = autograd_gradients(outputs, (ddx, ddweight, ddbias), leaves, [t is not None for t in leaves],
+                                   create_graph=False)
+    return *grads, None, None, None, None
 
 
 layer_norm_backward.register_autograd(_double_backward, setup_context=_setup_backward_context)

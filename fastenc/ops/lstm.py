@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from fastenc import backends
-from fastenc.ops import forward_op, gradients_with_graph
+from fastenc.ops import autograd_gradients, forward_op
 
 
 def _triton_supports(x, *_) -> str | None:
@@ -133,7 +133,7 @@ def _backward(ctx, d_out, d_hn, d_cn, *_saved_grads):
 
         inputs = (x, h0, c0, w_ih, w_hh, bias, w_hr)
         outputs = reference.lstm_layer_forward(*inputs, batch_sizes, ctx.reverse, True)[:3]
-        return (*gradients_with_graph(outputs, (d_out, d_hn, d_cn), inputs, ctx.needs_input_grad),
+        return (*autograd_gradients(outputs, (d_out, d_hn, d_cn), inputs, ctx.needs_input_grad),
                 None, None, None, None)
     d_out = torch.zeros_like(out) if d_out is None else d_out
     d_hn = torch.zeros_like(h0) if d_hn is None else d_hn
