@@ -66,7 +66,8 @@ def layer_norm(
         raise ValueError(
             f"normalized_shape {shape} does not match the trailing dimensions of input {tuple(input.shape)}"
         )
-    if input.device.type in AUTOCAST_FLOAT32_DEVICES and torch.is_autocast_enabled(input.device.type):
+    device_type = input.device.type
+    if device_type in AUTOCAST_FLOAT32_DEVICES and torch.is_autocast_enabled(device_type):
         same, params = (), ()  # the op's autocast rule casts every input to float32
     else:
         # Half / bfloat16 input may come with float32 parameters, as torch's layer_norm allows.
@@ -85,16 +86,22 @@ def layer_norm(
     args = (
         rows,
         None if residual is None else residual.reshape(-1, width),
-        None if weight is None else weight.reshape(width),
-        None if bias is None else bias.reshape(width),
+        _flat(weight),
+        _flat(bias),
         float(eps),
         store_sum,
     )
-    y, summed, _, _ = run(_layer_norm_op.layer_norm, *args, backends.select("layer_norm", input.device.type, *args))
-    y = y.view(input.shape)
+    y, summed, _, _ = run(_layer_norm_op.layer_norm, *args, backends.select("layer_norm", device_type, *args))
+    y = y.view_as(input)
     if not return_residual:
         return y
-    return y, (input if residual is None else summed.view(input.shape))
+    return y, (input if residual is None else summed.view_as(input))
+
+
+def _flat(param: Tensor | None) -> Tensor | None:
+    """A LayerNorm parameter as the (N,) vector the op takes (it is one already unless normalized_shape has
+    several dimensions; reshaping it anyway costs a view per call)."""
+    return param if param is None or param.dim() == 1 else param.reshape(-1)
 
 
 def _check_qkv(q: Tensor, k: Tensor, v: Tensor, rank: int, layout: str) -> None:
@@ -252,7 +259,7 @@ def bias_activation(input: Tensor, bias: Tensor | None, activation: str = "relu"
     _check_like("bias", bias, input, (width,), (input.dtype, *lowp))
     args = (input.reshape(-1, width), bias, activation, float(dropout_p), _dropout_seed(dropout_p))
     y = run(_bias_activation_op.bias_activation, *args, backends.select("bias_activation", input.device.type, *args))
-    return y.view(input.shape)
+    return y.view_as(input)
 
 
 def _check_batch_sizes(batch_sizes: Tensor, rows: int) -> int:

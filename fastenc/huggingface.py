@@ -34,7 +34,7 @@ from transformers.models.mpnet import modeling_mpnet
 
 from fastenc import functional as F
 from fastenc.nn.normalization import residual_layer_norm
-from fastenc.nn.transformer import pack, unpack
+from fastenc.nn.transformer import linear_bias_activation, pack, unpack
 
 IMPLEMENTATION = "fastenc"
 
@@ -104,8 +104,7 @@ class _BiasActivationIntermediate(torch.nn.Module):
         activation = _FUSED_ACTIVATIONS.get(type(self.intermediate_act_fn))
         if activation is None:
             return super().forward(hidden_states)
-        h = TF.linear(hidden_states, self.dense.weight)
-        return F.bias_activation(h, self.dense.bias, activation)
+        return linear_bias_activation(hidden_states, self.dense, activation)
 
 
 class _PositionBiasSelfAttention(torch.nn.Module):

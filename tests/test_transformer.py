@@ -54,6 +54,17 @@ def test_layer_matches_torch(backend_device, norm_first, activation, batch_first
     _compare(ours, theirs, torch.randn(5, 3, D, device=device))
 
 
+@pytest.mark.parametrize("grad_mode", [torch.no_grad, torch.inference_mode])
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_layer_inference_matches_torch(backend_device, grad_mode, activation):
+    """Where no gradient can be wanted the feed-forward bias is added in the matrix product, not the epilogue."""
+    _, device = backend_device
+    ours, theirs = _layers(activation=activation, device=device)
+    x = torch.randn(5, 3, D, device=device)
+    with grad_mode():
+        torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
+
+
 def test_layer_without_bias_and_unbatched(backend_device):
     _, device = backend_device
     ours, theirs = _layers(bias=False, device=device)

@@ -23,6 +23,8 @@ def residual_layer_norm(norm: torch.nn.LayerNorm, x: Tensor, residual: Tensor, r
     """`norm(x + residual)` in one fused pass, for any LayerNorm module (torch's or fastenc's), promoting the two
     dtypes as torch's `x + residual` does: under autocast a sublayer's low-precision output meets a float32
     residual stream, and the sum (hence the norm) is float32."""
-    dtype = torch.promote_types(x.dtype, residual.dtype)
-    return F.layer_norm(x.to(dtype), norm.normalized_shape, norm.weight, norm.bias, norm.eps,
-                        residual=residual.to(dtype), return_residual=return_residual)
+    if x.dtype != residual.dtype:
+        dtype = torch.promote_types(x.dtype, residual.dtype)
+        x, residual = x.to(dtype), residual.to(dtype)
+    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps, residual=residual,
+                        return_residual=return_residual)

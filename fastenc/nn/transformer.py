@@ -45,6 +45,17 @@ def unpack(tokens: Tensor, index: Tensor, batch: int, seq_len: int) -> Tensor:
     return out.index_copy(0, index, tokens).view(batch, seq_len, -1)
 
 
+def linear_bias_activation(x: Tensor, linear: torch.nn.Linear, activation: str, dropout_p: float = 0.0) -> Tensor:
+    """`dropout(act(linear(x)))` with fastenc's fused epilogue. Where a gradient may be wanted the bias is added
+    in the epilogue (whose backward gives its gradient in the same pass as the input's); where none can be, in
+    the matrix product, which adds it at no cost of its own."""
+    weight, bias = linear.weight, linear.bias
+    trains = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    if trains:
+        return F.bias_activation(TF.linear(x, weight), bias, activation, dropout_p)
+    return F.bias_activation(TF.linear(x, weight, bias), None, activation, dropout_p)
+
+
 def _fused_activation(fn) -> str | None:
     """The name of the fused epilogue for a layer's activation, or None when it has none."""
     if fn is TF.relu or isinstance(fn, torch.nn.ReLU):
@@ -124,8 +135,7 @@ class TransformerEncoderLayer(NotScriptable, torch.nn.TransformerEncoderLayer):
         activation = _fused_activation(self.activation)
         if activation is None:  # an activation fastenc does not fuse: torch's block
             return super()._ff_block(x)
-        h = TF.linear(x, self.linear1.weight)  # the bias is added in the fused epilogue
-        h = F.bias_activation(h, self.linear1.bias, activation, self.dropout.p if self.training else 0.0)
+        h = linear_bias_activation(x, self.linear1, activation, self.dropout.p if self.training else 0.0)
         return self.dropout2(self.linear2(h))
 
 

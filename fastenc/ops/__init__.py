@@ -24,12 +24,13 @@ def run(op, *args):
     (not traced or compiled) on plain tensors (no fake, meta or subclass tensors), without autocast, that records
     no gradient. The dispatcher's own cost per call is larger than a small layer's kernel: a short sentence
     through a 384-wide encoder spends more there than in fastenc's kernels."""
-    tensors = [a for a in args if isinstance(a, Tensor)]
+    if torch.compiler.is_compiling() or torch.is_autocast_enabled(args[0].device.type):
+        return op(*args)
     grad = torch.is_grad_enabled()
-    direct = (not torch.compiler.is_compiling()
-              and all(type(t) in _PLAIN_TENSORS and not t.is_meta and not (grad and t.requires_grad) for t in tensors)
-              and not torch.is_autocast_enabled(tensors[0].device.type))
-    return (op.body if direct else op)(*args)
+    for a in args:
+        if isinstance(a, Tensor) and (type(a) not in _PLAIN_TENSORS or a.is_meta or (grad and a.requires_grad)):
+            return op(*args)
+    return op.body(*args)
 
 
 def autograd_gradients(outputs, grads_out, inputs, wanted, create_graph=True) -> list[Tensor | None]:
