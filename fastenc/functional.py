@@ -13,7 +13,7 @@ from fastenc.ops import attention as _attention_op
 from fastenc.ops import bias_activation as _bias_activation_op
 from fastenc.ops import layer_norm as _layer_norm_op
 from fastenc.ops import lstm as _lstm_op
-from fastenc.ops import run
+from fastenc.ops import records_grad, run
 from fastenc.ops.layer_norm import AUTOCAST_FLOAT32_DEVICES
 
 __all__ = ["attention", "attention_varlen", "bias_activation", "layer_norm", "lstm_layer"]
@@ -79,10 +79,7 @@ def layer_norm(
 
     width = math.prod(shape)
     rows = input.reshape(-1, width)
-    wants_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (input, residual, weight, bias)
-    )
-    store_sum = residual is not None and (return_residual or wants_grad)
+    store_sum = residual is not None and (return_residual or records_grad(input, residual, weight, bias))
     args = (
         rows,
         None if residual is None else residual.reshape(-1, width),
@@ -329,8 +326,7 @@ def lstm_layer(
     c0 = input.new_zeros(batch, hidden) if c0 is None else c0
     bias = bias_ih if bias_hh is None else (bias_hh if bias_ih is None else bias_ih + bias_hh)
     # What the backward needs is stored only when a backward can run.
-    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (
-        input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr))
+    save = records_grad(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr)
     args = (input, h0, c0, weight_ih, weight_hh, bias, weight_hr, batch_sizes, bool(reverse), save)
     backend = backends.select("lstm", input.device.type, *args)
     if backend == "torch":

@@ -199,3 +199,13 @@ def test_gpu_check_stages_are_time_boxed_and_resumable(tmp_path, monkeypatch, ca
     gpu_check.main([str(tmp_path)])  # the build is checked again; what passed is not rerun
     out = capsys.readouterr().out
     assert "build        passed" in out and "cpu-tests    passed before" in out
+
+
+def test_overhead_ops_run_and_report(capsys):
+    """python -m bench.overhead's op part: every case's result agrees with torch's, and each gets a row."""
+    from bench import overhead
+
+    overhead.main(["--no-model", "--rounds", "1", "--calls", "1"])
+    table = capsys.readouterr().out
+    for name, _, _ in overhead.op_cases():
+        assert f"| {name} |" in table

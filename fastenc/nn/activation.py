@@ -8,6 +8,7 @@ from torch import Tensor
 
 from fastenc import functional as F
 from fastenc.nn._errors import ArgumentTypeError, ArgumentValueError, NotScriptable
+from fastenc.ops import records_grad
 
 
 def check_dtype(name: str, t: Tensor, weight: Tensor) -> None:
@@ -55,9 +56,7 @@ class MultiheadAttention(NotScriptable, torch.nn.MultiheadAttention):
         average_attn_weights: bool = True,
         is_causal: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
-        learned_mask = torch.is_grad_enabled() and any(
-            m is not None and m.requires_grad for m in (attn_mask, key_padding_mask))
-        if need_weights or learned_mask:
+        if need_weights or records_grad(attn_mask, key_padding_mask):  # a learned mask: torch differentiates it
             return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask,
                                    average_attn_weights, is_causal)
         if is_causal:

@@ -26,6 +26,7 @@ from fastenc.nn._errors import ArgumentValueError, NotScriptable
 from fastenc.nn._swap import swap_classes
 from fastenc.nn.activation import check_dtype, check_masks
 from fastenc.nn.normalization import residual_layer_norm
+from fastenc.ops import records_grad
 
 
 def pack(x: Tensor, padding: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
@@ -50,8 +51,7 @@ def linear_bias_activation(x: Tensor, linear: torch.nn.Linear, activation: str, 
     in the epilogue (whose backward gives its gradient in the same pass as the input's); where none can be, in
     the matrix product, which adds it at no cost of its own."""
     weight, bias = linear.weight, linear.bias
-    trains = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-    if trains:
+    if records_grad(x, weight, bias):
         return F.bias_activation(TF.linear(x, weight), bias, activation, dropout_p)
     return F.bias_activation(TF.linear(x, weight, bias), None, activation, dropout_p)
 
@@ -165,7 +165,7 @@ class TransformerEncoder(NotScriptable, torch.nn.TransformerEncoder):
                 and not first.training and src.dim() == 3 and padding is not None and mask is None
                 and not torch.is_autocast_enabled() and not torch.compiler.is_compiling()):
             return False
-        if torch.is_grad_enabled() and (src.requires_grad or any(p.requires_grad for p in first.parameters())):
+        if records_grad(src, *first.parameters()):
             return False
         return not getattr(self, "mask_check", True) or bool(
             torch._nested_tensor_from_mask_left_aligned(src, padding.logical_not()))

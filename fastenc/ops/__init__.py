@@ -19,6 +19,11 @@ def forward_op(name: str) -> Callable:
     return wrap
 
 
+def records_grad(*tensors: Tensor | None) -> bool:
+    """Whether autograd records a graph through any of `tensors` (None entries allowed): a backward may run."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def run(op, *args):
     """op(*args) through the dispatcher, or op's body itself where the dispatcher would add nothing: an eager call
     (not traced or compiled) on plain tensors (no fake, meta or subclass tensors), without autocast, that records

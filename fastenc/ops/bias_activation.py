@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from fastenc import backends
-from fastenc.ops import autograd_gradients, forward_op
+from fastenc.ops import autograd_gradients, forward_op, records_grad
 
 
 def _native_supports(x, *_) -> str | None:
@@ -26,8 +26,7 @@ def _native_slower(x, bias, activation, dropout_p, _seed) -> str | None:
     """The native exact GELU keeps its relative accuracy down the left tail (Phi from the upper tail, e^(-z^2/2)
     from an exact square), which costs it more than torch's erf: its forward alone trails torch's on CPUs (AVX2
     and AVX-512 alike, bench/results), while forward + backward, with the bias gradient fused, ties or leads."""
-    wants_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
-    if activation == "gelu" and x.dtype == torch.float32 and dropout_p == 0 and not wants_grad:
+    if activation == "gelu" and x.dtype == torch.float32 and dropout_p == 0 and not records_grad(x, bias):
         return "torch's exact GELU is faster for a float32 forward without backward"
     return None
 
