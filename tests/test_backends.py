@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -102,6 +103,26 @@ def test_triton_on_cpu_without_interpreter_says_why():
     assert done.returncode == 0, done.stderr
     assert "'triton'" not in done.stdout.splitlines()[0]
     assert "refused: backend 'triton' is not available" in done.stdout and "TRITON_INTERPRET" in done.stdout
+
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_checkout_root_leaves_the_name_kernels_to_the_installed_distribution():
+    """kernels/ is fastenc.kernels; run from a checkout's root (pytest, python -m bench), where it is also
+    importable as a top-level `kernels`, that name must still reach the installed `kernels` distribution
+    (Hugging Face's hub kernels, which transformers imports), and fastenc.kernels must still be fastenc's."""
+    try:
+        installed = importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("the kernels distribution is not installed: nothing here can be shadowed")
+    code = ("import kernels, fastenc.kernels.layer_norm as ln\n"
+            "print(kernels.__file__, hasattr(ln, 'layer_norm_forward'))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    theirs, ours_is_fastencs = done.stdout.split()
+    assert os.path.realpath(theirs) == os.path.realpath(installed.locate_file("kernels/__init__.py"))
+    assert ours_is_fastencs == "True"
 
 
 def test_info_command():
