@@ -2,6 +2,7 @@
 
   python -m bench                           every op, the device's default shapes and dtypes
   python -m bench --op layer_norm --dtype fp16,fp32
+  python -m bench --op embed                sentence-transformers' encode on a news corpus (CPU; bench/embed.py)
   python -m bench --quick --out /tmp/q.json a few tiny cases with short timing (CI)
   python -m bench --headline --budget 150   the GPU target shapes, starting no case after 150 s
   python -m bench --estimate --headline     what the GPU cases should take on an H200 (runs nothing)
@@ -72,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
 
     dtypes = [cases.parse_dtype(d) for d in _comma_list(args.dtype) or []] or None
     ops = _comma_list(args.op)
+    # "embed" is sentence-transformers' encode over a corpus (bench/embed.py), not a kernel case: run after them.
+    embed_too = ops is None or "embed" in ops
+    ops = [op for op in ops if op != "embed"] if ops else ops
     if args.estimate:
         from bench import estimates
 
@@ -83,6 +87,25 @@ def main(argv: list[str] | None = None) -> int:
         for case in cases.cases_for(device.type, quick=args.quick, headline=args.headline, ops=ops, dtypes=dtypes):
             print(case.id)
         return 0
+    if ops != []:
+        _run_cases(args, ops, dtypes, device)
+    if embed_too and device.type == "cpu":
+        import torch
+
+        from bench import embed
+
+        threads = args.threads or torch.get_num_threads()
+        quick = ["--limit", "8", "--passes", "1"] if args.quick else ["--passes", str(args.rounds or 3)]
+        out = ["--out", str(args.out)] if args.out and ops == [] else []  # --out names the cases' file otherwise
+        return embed.main(["--threads", str(threads), *quick, *out])
+    if embed_too and args.op:
+        print("embed: skipped, it runs on a CPU only (the GPU rows are not written yet)")
+    return 0
+
+
+def _run_cases(args: argparse.Namespace, ops: list[str] | None, dtypes, device) -> None:
+    from bench import report, runner
+
     results = runner.run(ops=ops, dtypes=dtypes, quick=args.quick, headline=args.headline, compile=args.compile,
                          device=device, threads=args.threads, rounds=args.rounds, budget_s=args.budget)
     print("\n".join(report.summary_lines(results, markdown=args.markdown)))
@@ -94,7 +117,6 @@ def main(argv: list[str] | None = None) -> int:
 
         for path in plot_results(results, out, combined=args.one_plot):
             print(f"plot:    {path}")
-    return 0
 
 
 if __name__ == "__main__":

