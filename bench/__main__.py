@@ -96,8 +96,9 @@ def main(argv: list[str] | None = None) -> int:
 
         threads = args.threads or torch.get_num_threads()
         quick = ["--limit", "8", "--passes", "1"] if args.quick else ["--passes", str(args.rounds or 3)]
-        out = ["--out", str(args.out)] if args.out and ops == [] else []  # --out names the cases' file otherwise
-        return embed.main(["--threads", str(threads), *quick, *out])
+        # --out names the cases' file when cases ran: the embed file then goes beside it.
+        out = args.out if ops == [] or args.out is None else args.out.with_name(args.out.stem + "-embed.json")
+        return embed.main(["--threads", str(threads), *quick, *(["--out", str(out)] if out else [])])
     if embed_too and args.op:
         print("embed: skipped, it runs on a CPU only (the GPU rows are not written yet)")
     return 0
