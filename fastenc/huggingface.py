@@ -34,7 +34,7 @@ from transformers.models.mpnet import modeling_mpnet
 
 from fastenc import functional as F
 from fastenc.nn.normalization import residual_layer_norm
-from fastenc.nn.transformer import linear_bias_activation, pack, unpack
+from fastenc.nn.transformer import by_row_blocks, linear_bias_activation, pack, unpack
 
 IMPLEMENTATION = "fastenc"
 
@@ -131,6 +131,16 @@ class _PositionBiasSelfAttention(torch.nn.Module):
         return (self.o(c.transpose(1, 2).flatten(2)),)
 
 
+class _RowBlockFeedForward(torch.nn.Module):
+    """feed_forward_chunk of BERT's layer (the intermediate and output sub-layers) over blocks of rows in
+    inference on a CPU: see fastenc.nn.transformer.by_row_blocks."""
+
+    def feed_forward_chunk(self, attention_output: torch.Tensor) -> torch.Tensor:
+        dense = getattr(self.intermediate, "dense", None)
+        width = dense.out_features if isinstance(dense, torch.nn.Linear) else 4 * attention_output.shape[-1]
+        return by_row_blocks(super().feed_forward_chunk, attention_output, width, self)
+
+
 class _PackedEncoder(torch.nn.Module):
     """BERT's encoder on packed tokens, for models converted with padding_free=True: the real tokens of a padded
     batch are packed into one row once, every layer runs on them alone (the attention in its packed form), and the
@@ -153,27 +163,32 @@ def _source(function) -> str:
     return textwrap.dedent(inspect.getsource(function))
 
 
-# A family's module is fused when its forward is, token for token, one of these (transformers copies BERT's blocks
-# into most encoder families); anything else (pre-LayerNorm variants, adapters) is left as it is.
+# A family's module is fused when the method a fusion replaces is, token for token, BERT's (or MPNet's) one
+# (transformers copies BERT's blocks into most encoder families); anything else (pre-LayerNorm variants,
+# adapters) is left as it is.
 _FUSIONS = {
-    _source(modeling_bert.BertSelfOutput.forward): _ResidualNormOutput,
-    _source(modeling_bert.BertIntermediate.forward): _BiasActivationIntermediate,
-    _source(modeling_mpnet.MPNetSelfAttention.forward): _PositionBiasSelfAttention,
-    _source(modeling_bert.BertEncoder.forward): _PackedEncoder,
+    ("forward", _source(modeling_bert.BertSelfOutput.forward)): _ResidualNormOutput,
+    ("forward", _source(modeling_bert.BertIntermediate.forward)): _BiasActivationIntermediate,
+    ("forward", _source(modeling_mpnet.MPNetSelfAttention.forward)): _PositionBiasSelfAttention,
+    ("forward", _source(modeling_bert.BertEncoder.forward)): _PackedEncoder,
+    ("feed_forward_chunk", _source(modeling_bert.BertLayer.feed_forward_chunk)): _RowBlockFeedForward,
 }
+_FUSED_METHODS = tuple(dict.fromkeys(method for method, _ in _FUSIONS))
 _fused_classes: dict[type, type] = {}
 
 
 def _fused_class(cls: type) -> type | None:
-    """The fused subclass of a transformers module class, or None if its forward is none of _FUSIONS'."""
+    """The fused subclass of a transformers module class, or None if none of its methods is one of _FUSIONS'."""
     if cls in _fused_classes:
         return _fused_classes[cls]
-    fused = None
-    if cls.__module__.startswith("transformers.models.") and "forward" in vars(cls):
-        try:
-            fusion = _FUSIONS.get(_source(cls.forward))
-        except (OSError, TypeError):  # no source to compare (a frozen or compiled module)
-            fusion = None
+    fused = fusion = None
+    if cls.__module__.startswith("transformers.models."):
+        for method in _FUSED_METHODS:
+            if fusion is None and method in vars(cls):
+                try:
+                    fusion = _FUSIONS.get((method, _source(vars(cls)[method])))
+                except (OSError, TypeError):  # no source to compare (a frozen or compiled module)
+                    pass
         if fusion is not None:
             # Named as the original and found in this module, so a pickled model loads (see __getattr__).
             fused = type(cls.__name__, (fusion, cls), {"__module__": __name__, "__qualname__": cls.__name__})

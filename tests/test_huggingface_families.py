@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import fastenc
+import fastenc.nn.transformer
 from fastenc import backends
 from tests.conftest import assert_close_to_oracle
 
@@ -165,6 +166,33 @@ def test_padding_free_family_matches_eager(backend_device, family, padding_side)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(fastenc.functional, "attention", padded_attention)
         _converted_matches_eager(family, device, torch.float32, padding_side, padding_free=True)
+
+
+@pytest.mark.parametrize("family", sorted(BERT_BLOCKS - {"mpnet"}))
+def test_feed_forward_runs_in_row_blocks_in_inference(monkeypatch, family):
+    """BERT's layers run their feed-forward sub-layers over blocks of rows in inference on a CPU (see
+    fastenc.nn.transformer.by_row_blocks): 8 x 20 tokens in blocks of 64, 64 and 32, against the float64 oracle."""
+    monkeypatch.setattr(fastenc.nn.transformer, "FEED_FORWARD_BLOCK_BYTES", 1)  # blocks of the least, 64 rows
+    from fastenc import huggingface
+
+    blocks = []
+    by_row_blocks = huggingface.by_row_blocks
+
+    def counted(block, *args):
+        return by_row_blocks(lambda h: blocks.append(h.shape[1]) or block(h), *args)
+
+    monkeypatch.setattr(huggingface, "by_row_blocks", counted)
+    eager = _model(family, FAMILIES[family]).eval()
+    oracle = copy.deepcopy(eager).double()
+    converted = fastenc.convert(copy.deepcopy(eager))
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(4, 100, (8, 20), generator=g)
+    mask = (torch.arange(20) < torch.randint(1, 21, (8, 1), generator=g)).long()
+    with torch.no_grad():
+        got, want, exact = (m(input_ids=ids, attention_mask=mask).last_hidden_state * mask[..., None]
+                            for m in (converted, eager, oracle))
+    assert blocks == [64, 64, 32] * FAMILIES[family]["num_hidden_layers"]
+    assert_close_to_oracle(f"{family} last_hidden_state", got, exact, want)
 
 
 @pytest.mark.parametrize("family", sorted(OWN_ATTENTION))

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import fastenc
+import fastenc.nn.transformer
 
 D, NHEAD, FF = 16, 4, 24
 
@@ -63,6 +64,30 @@ def test_layer_inference_matches_torch(backend_device, grad_mode, activation):
     x = torch.randn(5, 3, D, device=device)
     with grad_mode():
         torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_feed_forward_runs_in_row_blocks_in_inference(monkeypatch, norm_first):
+    """In inference on a CPU the feed-forward block runs over blocks of rows (transformer.by_row_blocks): here
+    150 rows in blocks of 64, 64 and 22, against torch's layer; where a gradient is recorded, or a module has a
+    forward hook, in one piece."""
+    monkeypatch.setattr(fastenc.nn.transformer, "FEED_FORWARD_BLOCK_BYTES", 1)  # blocks of the least, 64 rows
+    ours, theirs = _layers(norm_first=norm_first)
+    blocks = []
+    ff_rows = ours._ff_rows
+    ours._ff_rows = lambda h: blocks.append(h.shape[1]) or ff_rows(h)
+    x = torch.randn(50, 3, D)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
+    assert blocks == [64, 64, 22]
+    blocks.clear()
+    _compare(ours, theirs, x)
+    assert len(blocks) == 1
+    blocks.clear()
+    ours.linear2.register_forward_hook(lambda *args: None)
+    with torch.no_grad():
+        ours(x)
+    assert len(blocks) == 1
 
 
 def test_layer_without_bias_and_unbatched(backend_device):
