@@ -3,7 +3,7 @@
 // it; no S_q x S_k buffer is stored. The contract is fastenc/ops/attention.py's (padded (B, H, S, D) or packed
 // (T, H, D) with cu_seqlens; an additive float bias broadcast to (B, H, S_q, S_k); a (B, S_k) bool key padding
 // mask; causal, top-left aligned). float32, no dropout.
-// x86 with AVX-512 only: attention_cpu_available() says whether this CPU runs it.
+// x86 with AVX2 + FMA or AVX-512: attention_cpu_available() says whether this CPU runs it.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -276,7 +276,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Test hook: the float32 erfc or sigmoid the bias_activation kernels use, element by element",
         py::arg("x"), py::arg("name"));
   m.def("attention_cpu_available", &fastenc::attention_cpu_available,
-        "Whether this CPU runs the native attention (x86 with AVX-512)");
+        "Whether this CPU runs the native attention (x86 with AVX2 + FMA, or AVX-512)");
   m.def("lstm_fused_step_cpu_available", &fastenc::lstm_fused_step_cpu_available,
         "Whether this CPU runs the native LSTM's fused float32 step (x86 with AVX-512)");
   m.def("lstm_onednn_gemm_found", &fastenc::lstm_onednn_gemm_found,

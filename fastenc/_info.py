@@ -25,7 +25,7 @@ def _extension() -> dict[str, Any]:
     if reason is not None:
         return {"built": False, "reason": reason}
     extension = importlib.import_module("fastenc._C")
-    # cpu_attention needs AVX-512; without it the native backend has no attention. Without lstm_onednn_gemm the
+    # cpu_attention needs AVX2 + FMA; without it the native backend has no attention. Without lstm_onednn_gemm the
     # LSTM's weight gradients run at::mm.
     return {"built": True, "cuda_archs": backends.CUDA_ARCHS,
             "cpu_attention": extension.attention_cpu_available(),

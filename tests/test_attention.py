@@ -295,3 +295,23 @@ def test_autocast_runs_in_the_autocast_dtype():
 def test_large_on_gpu(s, d, dtype):
     with fastenc.backend("triton"):
         _check(*_qkv(2, 4, s, s, d, dtype, "cuda"), is_causal=s % 2 == 1)
+
+
+@pytest.mark.skipif("native" not in backends.implemented("attention"), reason="this CPU runs no native attention")
+def test_auto_on_cpu_runs_torch_past_one_block_of_keys():
+    """"auto" runs the native CPU attention up to 256 keys (one softmax block) or under a causal mask, and torch's
+    CPU flash kernel on longer sequences without one (ops/attention.py's slower rule), padded and packed alike."""
+    def backend_for(s, is_causal=False, packed=False):
+        q = torch.randn(s, 2, 8) if packed else torch.randn(1, 2, s, 8)
+        cu = torch.tensor([0, s], dtype=torch.int32)
+        with torch.no_grad():
+            if packed:
+                F.attention_varlen(q, q, q, cu, cu, s, s, is_causal=is_causal)
+            else:
+                F.attention(q, q, q, is_causal=is_causal)
+        return backends.last_used()["attention"]
+
+    for packed in (False, True):
+        assert backend_for(256, packed=packed) == "native"
+        assert backend_for(257, packed=packed) == "torch"
+        assert backend_for(257, is_causal=True, packed=packed) == "native"

@@ -187,7 +187,7 @@ def test_auto_passes_over_a_backend_registered_as_slower_on_the_inputs():
 
 @pytest.mark.skipif("native" not in fastenc.available_backends(), reason="needs the built extension")
 def test_native_without_its_cpu_attention_still_runs_attention():
-    """The native attention needs AVX-512. Where this CPU lacks it the native backend has no attention, so a model
+    """The native attention needs AVX2 + FMA (or AVX-512). Where this CPU lacks it the native backend has no attention, so a model
     under backend("native") runs the reference's attention (and every other op natively) instead of raising."""
     from fastenc import _C
 

@@ -2,13 +2,16 @@
 //
 // Work is split into tasks of (sequence, head, query rows), balanced over threads by their cost (rows x keys
 // seen), so packed sequences of unequal lengths load the threads evenly. A task brings its head's keys and
-// values into float32 scratch once: K packed as panels of 16 keys ([d][16], so that a query row's product with 16
-// keys is one FMA per d), V as rows. Then, per tile of kRows queries (pre-scaled by scale * log2(e), so that the
-// softmax runs on exp2), it walks the keys in blocks of kBlock: S = Q K^T in 8 x 48 register tiles, the masks,
+// values into float32 scratch once: K packed as panels of one vector of keys ([d][lanes], so that a query row's
+// product with a vector of keys is one FMA per d), V as rows. Then, per tile of kRows queries (pre-scaled by
+// scale * log2(e), so that the softmax runs on exp2), it walks the keys in blocks of kBlock: S = Q K^T in
+// kRows x 3-vector register tiles, the masks,
 // the online softmax (running max and sum per row, in float32), and O += P V. Blocks that hold only padded keys,
 // and blocks after the diagonal of a causal tile, are skipped. The backward is the same walk per head, over all
 // its query tiles, recomputing P from the saved log-sum-exp: dV += P^T dO, dP = dO V^T, dS = P (dP - delta),
 // dQ += dS K, dK += dS^T Q. Each head's dK and dV belong to one task, so no atomics are needed.
+// The per-task code (attention_kernel.h) is compiled twice: for AVX-512 (16 lanes, tiles of 8 rows) and for
+// AVX2 + FMA (8 lanes, tiles of 4 rows, within 16 vector registers); the CPU picks at run time.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -31,13 +34,16 @@ namespace fastenc {
 #ifdef FASTENC_CPU_ATTENTION
 namespace {
 
-// kRows query rows per tile: an 8 x 48 tile of S or of O is 24 accumulators (of 32 registers), loaded by 3 + 8
-// loads per 24 FMAs.
 // kBlock keys per softmax block: the rescale of O after each block costs 1 / kBlock of its product, and encoder
-// sequences up to 256 tokens take one block (no rescale at all); a tile's block of S is 8 KiB, in L1.
-constexpr int64_t kRows = 8, kLanes = 16, kBlock = 256;
+// sequences up to 256 tokens take one block (no rescale at all); a tile's block of S is 8 KiB or less, in L1.
+// kMaxLanes and kMaxRows: the widest vector and the tallest tile of the instruction sets below, which the code
+// shared by both rounds to.
+constexpr int64_t kBlock = 256, kMaxLanes = 16, kMaxRows = 8;
 constexpr float kLog2e = 1.44269504088896341f, kLn2 = 0.693147180559945309f;
 constexpr float kInf = std::numeric_limits<float>::infinity();
+// e^f = sum f^t / t! for t = 7 .. 0, Horner's order: degree 7 on |f| <= ln(2) / 2 leaves an error of ~5e-9.
+constexpr float kTaylor[8] = {1.0f / 5040.0f, 1.0f / 720.0f, 1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f,
+                              1.0f};
 
 int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
@@ -80,110 +86,6 @@ int64_t lse_base(const int64_t* s, bool packed, const Head& h) {
   return packed ? h.head * s[1] + h.token_q * s[2] : h.batch * s[0] + h.head * s[1];
 }
 
-#pragma GCC push_options
-#pragma GCC target("avx512f")
-
-// 2^x on 16 lanes: round to the nearest integer n, 2^(x - n) by a degree-7 Taylor polynomial of e^(f ln 2) on
-// |f| <= 1/2 (truncation error ~5e-9), times 2^n by scalef. x is clamped to [-200, 127]: 2^-200 rounds to 0, so
-// masked scores (-inf) give exactly 0; max(lo, x) returns x where it is NaN, so NaN passes through.
-FASTENC_INLINE __m512 exp2_16(__m512 x) {
-  x = _mm512_min_ps(_mm512_set1_ps(127.0f), _mm512_max_ps(_mm512_set1_ps(-200.0f), x));
-  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_mul_ps(_mm512_sub_ps(x, n), _mm512_set1_ps(kLn2));
-  __m512 poly = _mm512_set1_ps(1.0f / 5040.0f);
-  for (const float c : {1.0f / 720.0f, 1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f}) {
-    poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(c));
-  }
-  return _mm512_scalef_ps(poly, n);
-}
-
-// S[kRows][kBlock] = X[kRows][D] (row stride ldx) times `panels` panels of packed keys ([D][16] each), in tiles of
-// kRows x (PANELS x 16).
-template <int PANELS>
-FASTENC_INLINE void scores_tile(const float* x, int64_t ldx, const float* panel, int64_t d_size, float* s) {
-  __m512 acc[kRows][PANELS];
-#pragma GCC unroll 8
-  for (int r = 0; r < kRows; ++r) {
-#pragma GCC unroll 3
-    for (int c = 0; c < PANELS; ++c) acc[r][c] = _mm512_setzero_ps();
-  }
-  for (int64_t d = 0; d < d_size; ++d) {
-    __m512 keys[PANELS];
-#pragma GCC unroll 3
-    for (int c = 0; c < PANELS; ++c) keys[c] = _mm512_loadu_ps(panel + (c * d_size + d) * kLanes);
-#pragma GCC unroll 8
-    for (int r = 0; r < kRows; ++r) {
-      const __m512 xr = _mm512_set1_ps(x[r * ldx + d]);
-#pragma GCC unroll 3
-      for (int c = 0; c < PANELS; ++c) acc[r][c] = _mm512_fmadd_ps(xr, keys[c], acc[r][c]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < kRows; ++r) {
-#pragma GCC unroll 3
-    for (int c = 0; c < PANELS; ++c) _mm512_storeu_ps(s + r * kBlock + c * kLanes, acc[r][c]);
-  }
-}
-
-void scores(const float* x, int64_t ldx, const float* panels, int64_t count, int64_t d_size, float* s) {
-  int64_t c = 0;
-  for (; c + 3 <= count; c += 3) scores_tile<3>(x, ldx, panels + c * d_size * kLanes, d_size, s + c * kLanes);
-  if (c + 2 <= count) scores_tile<2>(x, ldx, panels + c * d_size * kLanes, d_size, s + c * kLanes), c += 2;
-  if (c < count) scores_tile<1>(x, ldx, panels + c * d_size * kLanes, d_size, s + c * kLanes);
-}
-
-// Z[kRows][dp] += A (kRows x steps, element (i, t) at a[i * A_ROW + t * A_STEP]) times B[steps][dp] (row stride
-// ldb), in kRows x (VECS x 16) register tiles. O += P V and dQ += dS K take A = P or dS (rows: queries, steps:
-// keys); dV += P^T dO and dK += dS^T Q take their transposes (rows: 8 keys, steps: the tile's queries). A's
-// strides are constants, so its addresses are as cheap as in a kernel written for one layout.
-template <int VECS, int64_t A_ROW, int64_t A_STEP>
-FASTENC_INLINE void accumulate_tile(const float* a, int64_t steps, const float* b, int64_t ldb, float* z,
-                                    int64_t ldz) {
-  __m512 acc[kRows][VECS];
-#pragma GCC unroll 8
-  for (int r = 0; r < kRows; ++r) {
-#pragma GCC unroll 3
-    for (int c = 0; c < VECS; ++c) acc[r][c] = _mm512_loadu_ps(z + r * ldz + c * kLanes);
-  }
-  for (int64_t t = 0; t < steps; ++t) {
-    __m512 row[VECS];
-#pragma GCC unroll 3
-    for (int c = 0; c < VECS; ++c) row[c] = _mm512_loadu_ps(b + t * ldb + c * kLanes);
-#pragma GCC unroll 8
-    for (int r = 0; r < kRows; ++r) {
-      const __m512 ar = _mm512_set1_ps(a[r * A_ROW + t * A_STEP]);
-#pragma GCC unroll 3
-      for (int c = 0; c < VECS; ++c) acc[r][c] = _mm512_fmadd_ps(ar, row[c], acc[r][c]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < kRows; ++r) {
-#pragma GCC unroll 3
-    for (int c = 0; c < VECS; ++c) _mm512_storeu_ps(z + r * ldz + c * kLanes, acc[r][c]);
-  }
-}
-
-// accumulate_tile over the dp columns, 48 at a time.
-template <int64_t A_ROW, int64_t A_STEP>
-void accumulate(const float* a, int64_t steps, const float* b, int64_t ldb, float* z, int64_t ldz, int64_t dp) {
-  int64_t c = 0;
-  for (; c + 3 * kLanes <= dp; c += 3 * kLanes) accumulate_tile<3, A_ROW, A_STEP>(a, steps, b + c, ldb, z + c, ldz);
-  if (c + 2 * kLanes <= dp) accumulate_tile<2, A_ROW, A_STEP>(a, steps, b + c, ldb, z + c, ldz), c += 2 * kLanes;
-  if (c < dp) accumulate_tile<1, A_ROW, A_STEP>(a, steps, b + c, ldb, z + c, ldz);
-}
-
-// O[kRows][dp] += P[kRows][n] (row stride kBlock) times Y[n][dp] (row stride ldy).
-void products(const float* p, int64_t n, const float* y, int64_t ldy, float* o, int64_t ldo, int64_t dp) {
-  accumulate<kBlock, 1>(p, n, y, ldy, o, ldo, dp);
-}
-
-// Z[n][dp] += P[kRows][n]^T (P's row stride kBlock) times X[kRows][dp] (row stride ldx), kRows keys at a time;
-// n is a multiple of 16 (P is zero past the block's keys).
-void transposed_products(const float* p, int64_t n, const float* x, int64_t ldx, float* z, int64_t ldz,
-                         int64_t dp) {
-  for (int64_t j = 0; j < n; j += kRows) accumulate<1, kBlock>(p + j, kRows, x, ldx, z + j * ldz, ldz, dp);
-}
-
 // A task's float32 copies of its head's operands, reused from task to task of a thread.
 struct Scratch {
   std::vector<float> k_panels, v_panels, k_rows, v_rows, key_add, q_tile, do_tile, o_tile, dq_tile, s, dp, dk, dv;
@@ -199,7 +101,7 @@ int64_t prepare_keys(const Problem& p, const Head& h, Scratch& w) {
   if (pad) {
     while (end > 0 && pad[(end - 1) * p.kpm_stride[1]]) --end;
   }
-  w.key_add.assign(round_up(end, kLanes), -kInf);
+  w.key_add.assign(round_up(end, kMaxLanes), -kInf);
   w.block_live.assign((end + kBlock - 1) / kBlock, 0);
   w.padding_inside = false;
   for (int64_t j = 0; j < end; ++j) {
@@ -230,211 +132,105 @@ void load_rows(const float* src, int64_t stride, int64_t first, int64_t count, i
   }
 }
 
-// Rows (a multiple of 16 of them, dp floats each) as panels of 16 rows, [d][16] for d < d_size.
-void pack_panels(const float* rows, int64_t count, int64_t dp, int64_t d_size, float* panels) {
-  for (int64_t c = 0; c < count / kLanes; ++c) {
-    float* panel = panels + c * d_size * kLanes;
-    for (int64_t l = 0; l < kLanes; ++l) {
-      const float* row = rows + (c * kLanes + l) * dp;
-      for (int64_t d = 0; d < d_size; ++d) panel[d * kLanes + l] = row[d];
-    }
-  }
-}
+// The two instruction sets the kernels are compiled for, each in its own namespace (see attention_kernel.h).
+namespace avx512 {
+#pragma GCC push_options
+#pragma GCC target("avx512f")
 
-// The block's scores S (kRows x n, scaled by log2(e) through Q) plus the bias (times log2(e)) and the keys'
-// padding, with keys after a row's position removed when causal: -inf wherever a query may not see a key. With
-// row_max, also each row's largest (in the same pass). keys: the head's keys worth reading (prepare_keys).
-void mask_scores(const Problem& p, const Head& h, const Scratch& w, int64_t keys, int64_t i0, int64_t j0, int64_t n,
-                 float* s, float* row_max) {
-  const bool causal = p.causal && j0 + n - 1 > i0;
-  const bool key_mask = w.padding_inside || j0 + n > keys;
-  const bool changes = causal || key_mask || p.bias;
-  if (!changes && !row_max) return;
-  for (int64_t r = 0; r < kRows; ++r) {
-    __m512 largest = _mm512_set1_ps(-kInf);
-    const int64_t i = std::min(i0 + r, h.len_q - 1);  // rows past the head repeat its last row's masks
-    const auto* bias_row = p.bias ? p.bias + h.batch * p.bias_stride[0] + h.head * p.bias_stride[1] +
-                                        i * p.bias_stride[2]
-                                  : nullptr;
-    for (int64_t c = 0; c < n; c += kLanes) {
-      const int64_t j = j0 + c;
-      __m512 value = _mm512_loadu_ps(s + r * kBlock + c);
-      if (key_mask) value = _mm512_add_ps(value, _mm512_loadu_ps(w.key_add.data() + j));
-      if (bias_row) {
-        __m512 b;
-        if (p.bias_stride[3] == 1 && j + kLanes <= h.len_k) {
-          b = _mm512_loadu_ps(bias_row + j);
-        } else {
-          alignas(64) float lanes[kLanes];
-          for (int64_t l = 0; l < kLanes; ++l) {
-            lanes[l] = j + l < h.len_k ? bias_row[(j + l) * p.bias_stride[3]] : 0.0f;
-          }
-          b = _mm512_load_ps(lanes);
-        }
-        value = _mm512_fmadd_ps(b, _mm512_set1_ps(kLog2e), value);
-      }
-      if (causal) {
-        const __m512i key = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(j)),
-                                             _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-        const __mmask16 after = _mm512_cmpgt_epi32_mask(key, _mm512_set1_epi32(static_cast<int32_t>(i)));
-        value = _mm512_mask_blend_ps(after, value, _mm512_set1_ps(-kInf));
-      }
-      if (changes) _mm512_storeu_ps(s + r * kBlock + c, value);
-      largest = _mm512_max_ps(largest, value);
-    }
-    if (row_max) row_max[r] = _mm512_reduce_max_ps(largest);
-  }
-}
+// 8 x 3 vectors of accumulators + 3 + 1 of 32 registers.
+constexpr int64_t kRows = 8;
 
-// The keys rows [i0, i0 + kRows) may see: [0, end), fewer under a causal mask.
-int64_t keys_seen(const Problem& p, int64_t keys, int64_t i0) {
-  return p.causal ? std::min(keys, i0 + kRows) : keys;
-}
+struct Vec {
+  using R = __m512;
+  static constexpr int64_t kLanes = 16;
+  static FASTENC_INLINE R load(const float* p) { return _mm512_loadu_ps(p); }
+  static FASTENC_INLINE void store(float* p, R v) { _mm512_storeu_ps(p, v); }
+  static FASTENC_INLINE R set1(float x) { return _mm512_set1_ps(x); }
+  static FASTENC_INLINE R zero() { return _mm512_setzero_ps(); }
+  static FASTENC_INLINE R fmadd(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
+  static FASTENC_INLINE R add(R a, R b) { return _mm512_add_ps(a, b); }
+  static FASTENC_INLINE R sub(R a, R b) { return _mm512_sub_ps(a, b); }
+  static FASTENC_INLINE R mul(R a, R b) { return _mm512_mul_ps(a, b); }
+  static FASTENC_INLINE R max(R a, R b) { return _mm512_max_ps(a, b); }
+  static FASTENC_INLINE float reduce_add(R v) { return _mm512_reduce_add_ps(v); }
+  static FASTENC_INLINE float reduce_max(R v) { return _mm512_reduce_max_ps(v); }
+  // 2^x: round to the nearest integer n, 2^(x - n) = e^(f), f = (x - n) ln 2, by kTaylor, times 2^n by scalef. x is clamped to [-200, 127]: 2^-200 rounds to 0, so masked
+  // scores (-inf) give exactly 0; max(lo, x) returns x where it is NaN, so NaN passes through.
+  static FASTENC_INLINE R exp2(R x) {
+    x = _mm512_min_ps(_mm512_set1_ps(127.0f), _mm512_max_ps(_mm512_set1_ps(-200.0f), x));
+    const R n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const R f = _mm512_mul_ps(_mm512_sub_ps(x, n), _mm512_set1_ps(kLn2));
+    R poly = _mm512_set1_ps(kTaylor[0]);
+    for (int t = 1; t < 8; ++t) poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(kTaylor[t]));
+    return _mm512_scalef_ps(poly, n);
+  }
+  static FASTENC_INLINE R mask_after(R value, int64_t j, int64_t i) {
+    const __m512i key = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(j)),
+                                         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    const __mmask16 after = _mm512_cmpgt_epi32_mask(key, _mm512_set1_epi32(static_cast<int32_t>(i)));
+    return _mm512_mask_blend_ps(after, value, _mm512_set1_ps(-kInf));
+  }
+};
 
-void forward_task(const Problem& p, const Head& h, int64_t q0, int64_t q1, Scratch& w) {
-  const int64_t d_size = p.head_dim, dp = round_up(d_size, kLanes);
-  const int64_t keys = prepare_keys(p, h, w);
-  const int64_t keys_needed = p.causal ? std::min(keys, q1) : keys;
-  const int64_t padded = round_up(keys_needed, kLanes);
-  w.k_rows.resize(padded * dp);
-  w.k_panels.resize(padded * d_size);
-  w.v_rows.resize(padded * dp);
-  int64_t ks, vs, qs, os;
-  const int64_t kb = head_base(p, kK, h, &ks), vb = head_base(p, kV, h, &vs);
-  const int64_t qb = head_base(p, kQ, h, &qs), ob = head_base(p, kO, h, &os);
-  load_rows(p.k + kb, ks, 0, padded, keys_needed, d_size, dp, 1.0f, w.k_rows.data());
-  pack_panels(w.k_rows.data(), padded, dp, d_size, w.k_panels.data());
-  load_rows(p.v + vb, vs, 0, padded, keys_needed, d_size, dp, 1.0f, w.v_rows.data());
-  w.q_tile.resize(kRows * dp);
-  w.o_tile.resize(kRows * dp);
-  w.s.resize(kRows * kBlock);
-  float* s = w.s.data();
-  float* lse = p.lse_out + lse_base(p.lse_stride, p.packed, h);
-  for (int64_t i0 = q0; i0 < q1; i0 += kRows) {
-    load_rows(p.q + qb, qs, i0, kRows, h.len_q, d_size, dp, p.scale * kLog2e, w.q_tile.data());
-    std::fill(w.o_tile.begin(), w.o_tile.end(), 0.0f);
-    float row_max[kRows], row_sum[kRows];
-    std::fill(row_max, row_max + kRows, -kInf);
-    std::fill(row_sum, row_sum + kRows, 0.0f);
-    const int64_t seen = keys_seen(p, keys_needed, i0);
-    for (int64_t j0 = 0; j0 < seen; j0 += kBlock) {
-      if (!w.block_live[j0 / kBlock]) continue;
-      const int64_t n = round_up(std::min(kBlock, seen - j0), kLanes);
-      scores(w.q_tile.data(), dp, w.k_panels.data() + j0 * d_size, n / kLanes, d_size, s);
-      float block_max[kRows];
-      mask_scores(p, h, w, keys_needed, i0, j0, n, s, block_max);
-      for (int64_t r = 0; r < kRows; ++r) {
-        float* sr = s + r * kBlock;
-        const float new_max = std::max(row_max[r], block_max[r]);
-        const float shift = new_max == -kInf ? 0.0f : new_max;  // a row that has seen no key yet stays at 0
-        const __m512 shift16 = _mm512_set1_ps(shift);
-        __m512 total = _mm512_setzero_ps();
-        for (int64_t c = 0; c < n; c += kLanes) {
-          const __m512 e = exp2_16(_mm512_sub_ps(_mm512_loadu_ps(sr + c), shift16));
-          _mm512_storeu_ps(sr + c, e);
-          total = _mm512_add_ps(total, e);
-        }
-        const float alpha = row_max[r] == -kInf ? 0.0f : std::exp2(row_max[r] - shift);
-        row_sum[r] = row_sum[r] * alpha + _mm512_reduce_add_ps(total);
-        row_max[r] = new_max;
-        if (alpha != 1.0f) {
-          float* o = w.o_tile.data() + r * dp;
-          for (int64_t d = 0; d < dp; d += kLanes) {
-            _mm512_storeu_ps(o + d, _mm512_mul_ps(_mm512_loadu_ps(o + d), _mm512_set1_ps(alpha)));
-          }
-        }
-      }
-      products(s, n, w.v_rows.data() + j0 * dp, dp, w.o_tile.data(), dp, dp);
-    }
-    for (int64_t r = 0; r < kRows && i0 + r < h.len_q; ++r) {
-      const float inverse = row_sum[r] > 0.0f ? 1.0f / row_sum[r] : 0.0f;
-      float* out = p.q_grad_or_out + ob + (i0 + r) * os;
-      const float* o = w.o_tile.data() + r * dp;
-      for (int64_t d = 0; d < d_size; ++d) out[d] = o[d] * inverse;
-      lse[(i0 + r) * p.lse_stride[2]] = row_sum[r] > 0.0f ? (row_max[r] + std::log2(row_sum[r])) * kLn2 : kInf;
-    }
-  }
-}
-
-void backward_task(const Problem& p, const Head& h, Scratch& w) {
-  const int64_t d_size = p.head_dim, dp = round_up(d_size, kLanes);
-  const int64_t keys = prepare_keys(p, h, w);
-  const int64_t padded = round_up(keys, kLanes);
-  w.k_rows.resize(padded * dp);
-  w.k_panels.resize(padded * d_size);
-  w.v_rows.resize(padded * dp);
-  w.v_panels.resize(padded * d_size);
-  w.dk.assign(padded * dp, 0.0f);
-  w.dv.assign(padded * dp, 0.0f);
-  int64_t ks, vs, qs, os;
-  const int64_t kb = head_base(p, kK, h, &ks), vb = head_base(p, kV, h, &vs);
-  const int64_t qb = head_base(p, kQ, h, &qs), ob = head_base(p, kO, h, &os);
-  load_rows(p.k + kb, ks, 0, padded, keys, d_size, dp, 1.0f, w.k_rows.data());
-  pack_panels(w.k_rows.data(), padded, dp, d_size, w.k_panels.data());
-  load_rows(p.v + vb, vs, 0, padded, keys, d_size, dp, 1.0f, w.v_rows.data());
-  pack_panels(w.v_rows.data(), padded, dp, d_size, w.v_panels.data());
-  w.q_tile.resize(kRows * dp);
-  w.do_tile.resize(kRows * dp);
-  w.o_tile.resize(kRows * dp);
-  w.dq_tile.resize(kRows * dp);
-  w.s.resize(kRows * kBlock);
-  w.dp.resize(kRows * kBlock);
-  float *s = w.s.data(), *dps = w.dp.data();
-  const float* lse = p.lse + lse_base(p.lse_stride, p.packed, h);
-  for (int64_t i0 = 0; i0 < h.len_q; i0 += kRows) {
-    load_rows(p.q + qb, qs, i0, kRows, h.len_q, d_size, dp, p.scale * kLog2e, w.q_tile.data());
-    load_rows(p.dout + ob, os, i0, kRows, h.len_q, d_size, dp, 1.0f, w.do_tile.data());
-    load_rows(p.out + ob, os, i0, kRows, h.len_q, d_size, dp, 1.0f, w.o_tile.data());
-    std::fill(w.dq_tile.begin(), w.dq_tile.end(), 0.0f);
-    float lse2[kRows], delta[kRows];
-    for (int64_t r = 0; r < kRows; ++r) {
-      lse2[r] = i0 + r < h.len_q ? lse[(i0 + r) * p.lse_stride[2]] * kLog2e : kInf;
-      float dot = 0.0f;
-      for (int64_t d = 0; d < dp; ++d) dot += w.do_tile[r * dp + d] * w.o_tile[r * dp + d];
-      delta[r] = dot;
-    }
-    const int64_t seen = keys_seen(p, keys, i0);
-    for (int64_t j0 = 0; j0 < seen; j0 += kBlock) {
-      if (!w.block_live[j0 / kBlock]) continue;
-      const int64_t n = round_up(std::min(kBlock, seen - j0), kLanes);
-      scores(w.q_tile.data(), dp, w.k_panels.data() + j0 * d_size, n / kLanes, d_size, s);
-      mask_scores(p, h, w, keys, i0, j0, n, s, nullptr);
-      for (int64_t r = 0; r < kRows; ++r) {
-        float* sr = s + r * kBlock;
-        const __m512 shift = _mm512_set1_ps(lse2[r]);
-        for (int64_t c = 0; c < n; c += kLanes) {
-          _mm512_storeu_ps(sr + c, exp2_16(_mm512_sub_ps(_mm512_loadu_ps(sr + c), shift)));
-        }
-      }
-      transposed_products(s, n, w.do_tile.data(), dp, w.dv.data() + j0 * dp, dp, dp);
-      scores(w.do_tile.data(), dp, w.v_panels.data() + j0 * d_size, n / kLanes, d_size, dps);
-      for (int64_t r = 0; r < kRows; ++r) {
-        const __m512 dr = _mm512_set1_ps(delta[r]);
-        for (int64_t c = 0; c < n; c += kLanes) {
-          float* ds = dps + r * kBlock + c;  // dS = P (dP - delta), in place of dP
-          const __m512 pr = _mm512_loadu_ps(s + r * kBlock + c);
-          _mm512_storeu_ps(ds, _mm512_mul_ps(pr, _mm512_sub_ps(_mm512_loadu_ps(ds), dr)));
-        }
-      }
-      products(dps, n, w.k_rows.data() + j0 * dp, dp, w.dq_tile.data(), dp, dp);
-      transposed_products(dps, n, w.q_tile.data(), dp, w.dk.data() + j0 * dp, dp, dp);
-    }
-    for (int64_t r = 0; r < kRows && i0 + r < h.len_q; ++r) {
-      float* dq = p.q_grad_or_out + qb + (i0 + r) * qs;
-      for (int64_t d = 0; d < d_size; ++d) dq[d] = w.dq_tile[r * dp + d] * p.scale;
-    }
-  }
-  for (int64_t j = 0; j < h.len_k; ++j) {
-    float* dk = p.k_grad + kb + j * ks;
-    float* dv = p.v_grad + vb + j * vs;
-    for (int64_t d = 0; d < d_size; ++d) {
-      dk[d] = j < keys ? w.dk[j * dp + d] * kLn2 : 0.0f;
-      dv[d] = j < keys ? w.dv[j * dp + d] : 0.0f;
-    }
-  }
-}
+#include "attention_kernel.h"
 
 #pragma GCC pop_options
+}  // namespace avx512
+
+namespace avx2 {
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+
+// 16 vector registers: 4 x 3 vectors of accumulators + 3 + 1.
+constexpr int64_t kRows = 4;
+
+struct Vec {
+  using R = __m256;
+  static constexpr int64_t kLanes = 8;
+  static FASTENC_INLINE R load(const float* p) { return _mm256_loadu_ps(p); }
+  static FASTENC_INLINE void store(float* p, R v) { _mm256_storeu_ps(p, v); }
+  static FASTENC_INLINE R set1(float x) { return _mm256_set1_ps(x); }
+  static FASTENC_INLINE R zero() { return _mm256_setzero_ps(); }
+  static FASTENC_INLINE R fmadd(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
+  static FASTENC_INLINE R add(R a, R b) { return _mm256_add_ps(a, b); }
+  static FASTENC_INLINE R sub(R a, R b) { return _mm256_sub_ps(a, b); }
+  static FASTENC_INLINE R mul(R a, R b) { return _mm256_mul_ps(a, b); }
+  static FASTENC_INLINE R max(R a, R b) { return _mm256_max_ps(a, b); }
+  static FASTENC_INLINE float reduce_add(R v) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+  }
+  static FASTENC_INLINE float reduce_max(R v) {
+    __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
+  }
+  // 2^x as avx512::Vec::exp2, with 2^n built in the exponent field (no scalef): x is clamped to [-127, 127], and
+  // n = -127 makes the field 0, so masked scores (-inf) give exactly 0 (as does anything below 2^-126.5, far
+  // under a softmax row's largest term, 1). max(lo, x) returns x where it is NaN, so NaN passes through.
+  static FASTENC_INLINE R exp2(R x) {
+    x = _mm256_min_ps(_mm256_set1_ps(127.0f), _mm256_max_ps(_mm256_set1_ps(-127.0f), x));
+    const R n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256i field = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    const R f = _mm256_mul_ps(_mm256_sub_ps(x, n), _mm256_set1_ps(kLn2));
+    R poly = _mm256_set1_ps(kTaylor[0]);
+    for (int t = 1; t < 8; ++t) poly = _mm256_fmadd_ps(poly, f, _mm256_set1_ps(kTaylor[t]));
+    return _mm256_mul_ps(poly, _mm256_castsi256_ps(field));
+  }
+  static FASTENC_INLINE R mask_after(R value, int64_t j, int64_t i) {
+    const __m256i key = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(j)),
+                                         _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256i after = _mm256_cmpgt_epi32(key, _mm256_set1_epi32(static_cast<int32_t>(i)));
+    return _mm256_blendv_ps(value, _mm256_set1_ps(-kInf), _mm256_castsi256_ps(after));
+  }
+};
+
+#include "attention_kernel.h"
+
+#pragma GCC pop_options
+}  // namespace avx2
+
 
 // Runs fn(task) for every task, split over the threads by cost: thread t takes the tasks whose cost midpoint
 // falls in its share t / threads of the total.
@@ -532,21 +328,31 @@ int64_t rows_per_task(const std::vector<Head>& heads) {
   const int64_t wanted_tasks = 4 * at::get_num_threads();
   if (static_cast<int64_t>(heads.size()) >= wanted_tasks || longest == 0) return std::max<int64_t>(longest, 1);
   const int64_t chunks = (wanted_tasks + static_cast<int64_t>(heads.size()) - 1) / static_cast<int64_t>(heads.size());
-  return std::max<int64_t>(round_up((longest + chunks - 1) / chunks, kRows), 8 * kRows);
+  return std::max<int64_t>(round_up((longest + chunks - 1) / chunks, kMaxRows), 8 * kMaxRows);
 }
 
 }  // namespace
 
-bool attention_cpu_available() {
-  static const bool avx512 = __builtin_cpu_supports("avx512f");
-  return avx512;
+namespace {
+
+enum class Isa { kNone, kAvx2, kAvx512 };
+
+Isa cpu_isa() {
+  static const Isa isa = __builtin_cpu_supports("avx512f")                                     ? Isa::kAvx512
+                         : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? Isa::kAvx2
+                                                                                             : Isa::kNone;
+  return isa;
 }
+
+}  // namespace
+
+bool attention_cpu_available() { return cpu_isa() != Isa::kNone; }
 
 std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& cu_seqlens_q,
     const std::optional<at::Tensor>& cu_seqlens_k, bool is_causal, double scale) {
-  TORCH_CHECK(attention_cpu_available(), "the native CPU attention needs a CPU with AVX-512");
+  TORCH_CHECK(attention_cpu_available(), "the native CPU attention needs a CPU with AVX2 and FMA");
   const bool packed = cu_seqlens_q.has_value();
   const auto q = rows_contiguous(q_in), k = rows_contiguous(k_in), v = rows_contiguous(v_in);
   auto out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
@@ -568,9 +374,10 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
   p.q_grad_or_out = out.data_ptr<float>();
   p.lse_out = lse.data_ptr<float>();
   set_lse_strides(lse, packed, p.lse_stride);
+  const auto task = cpu_isa() == Isa::kAvx512 ? avx512::forward_task : avx2::forward_task;
   for_each_balanced(cost, [&](int64_t t, Scratch& scratch) {
     const auto& [head, first, end] = tasks[t];
-    forward_task(p, heads[head], first, end, scratch);
+    task(p, heads[head], first, end, scratch);
   });
   return {out, lse};
 }
@@ -580,7 +387,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
     const at::Tensor& out_in, const at::Tensor& lse, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& cu_seqlens_q,
     const std::optional<at::Tensor>& cu_seqlens_k, bool is_causal, double scale) {
-  TORCH_CHECK(attention_cpu_available(), "the native CPU attention needs a CPU with AVX-512");
+  TORCH_CHECK(attention_cpu_available(), "the native CPU attention needs a CPU with AVX2 and FMA");
   const bool packed = cu_seqlens_q.has_value();
   const auto q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   // dout and out share one layout (the kernel reads both with out's strides).
@@ -598,7 +405,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
   p.q_grad_or_out = dq.data_ptr<float>();
   p.k_grad = dk.data_ptr<float>();
   p.v_grad = dv.data_ptr<float>();
-  for_each_balanced(cost, [&](int64_t t, Scratch& scratch) { backward_task(p, heads[t], scratch); });
+  const auto task = cpu_isa() == Isa::kAvx512 ? avx512::backward_task : avx2::backward_task;
+  for_each_balanced(cost, [&](int64_t t, Scratch& scratch) { task(p, heads[t], scratch); });
   return {dq, dk, dv};
 }
 
@@ -611,14 +419,14 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor&, cons
                                                          const std::optional<at::Tensor>&,
                                                          const std::optional<at::Tensor>&,
                                                          const std::optional<at::Tensor>&, bool, double) {
-  TORCH_CHECK(false, "the native CPU attention needs an x86 CPU with AVX-512");
+  TORCH_CHECK(false, "the native CPU attention needs an x86 CPU with AVX2 and FMA");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
     const std::optional<at::Tensor>&, bool, double) {
-  TORCH_CHECK(false, "the native CPU attention needs an x86 CPU with AVX-512");
+  TORCH_CHECK(false, "the native CPU attention needs an x86 CPU with AVX2 and FMA");
 }
 
 #endif

@@ -26,7 +26,7 @@ def _triton_supports(q, *_) -> str | None:
     return "the triton attention supports float16, bfloat16 and float32" if q.dtype == torch.float64 else None
 
 
-_NATIVE_CPU = backends.native_cpu_feature("attention_cpu_available")  # x86 with AVX-512
+_NATIVE_CPU = backends.native_cpu_feature("attention_cpu_available")  # x86 with AVX2 + FMA, or AVX-512
 
 
 def _native_supports(q, k, v, bias, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -42,6 +42,17 @@ def _native_supports(q, k, v, bias, key_padding_mask, cu_seqlens_q, cu_seqlens_k
     return None
 
 
+def _native_slower(q, k, v, bias, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                   is_causal, scale, dropout_p, dropout_seed) -> str | None:
+    """The native kernel takes a whole encoder sequence of up to 256 keys in one softmax block, and leads torch's
+    CPU flash kernel there (by far on short and packed sequences, where torch runs one call per sequence); past
+    one block, without a causal mask, torch's leads its forward (bench/results)."""
+    keys = max_seqlen_k if cu_seqlens_k is not None else k.shape[-2]
+    if not is_causal and keys > 256:
+        return "torch's CPU flash kernel is faster on sequences of more than 256 keys without a causal mask"
+    return None
+
+
 def _torch_supports(q, *_) -> str | None:
     return "torch's attention backend is its CPU flash kernel" if q.device.type != "cpu" else None
 
@@ -49,11 +60,12 @@ def _torch_supports(q, *_) -> str | None:
 _modules = {"reference": "fastenc.reference.attention", "torch": "fastenc.torch_ops.attention",
             "triton": "fastenc.kernels.attention"}
 _supports = {"triton": _triton_supports, "torch": _torch_supports}
+_slower = {}
 # Where this CPU cannot run the native attention, the native backend has no attention (as for an op it lacks):
 # selected by name it runs the reference's, and every other op natively, instead of failing every model.
 if _NATIVE_CPU:
-    _modules["native"], _supports["native"] = "fastenc.native", _native_supports
-backends.register("attention", _modules, supports=_supports)
+    _modules["native"], _supports["native"], _slower["native"] = "fastenc.native", _native_supports, _native_slower
+backends.register("attention", _modules, supports=_supports, slower=_slower)
 
 
 @forward_op("fastenc::attention")
