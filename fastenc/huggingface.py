@@ -141,6 +141,17 @@ class _RowBlockFeedForward(torch.nn.Module):
         return by_row_blocks(super().feed_forward_chunk, attention_output, width, self)
 
 
+class _RowBlockMPNetLayer(torch.nn.Module):
+    """forward of MPNet's layer with its feed-forward sub-layers over blocks of rows, as _RowBlockFeedForward."""
+
+    def forward(self, hidden_states, attention_mask=None, position_bias=None, output_attentions=False, **kwargs):
+        attended = self.attention(hidden_states, attention_mask, position_bias=position_bias,
+                                  output_attentions=output_attentions)
+        out = by_row_blocks(lambda h: self.output(self.intermediate(h), h), attended[0],
+                            self.intermediate.dense.out_features, self)
+        return (out, *attended[1:])
+
+
 class _PackedEncoder(torch.nn.Module):
     """BERT's encoder on packed tokens, for models converted with padding_free=True: the real tokens of a padded
     batch are packed into one row once, every layer runs on them alone (the attention in its packed form), and the
@@ -170,6 +181,7 @@ _FUSIONS = {
     ("forward", _source(modeling_bert.BertSelfOutput.forward)): _ResidualNormOutput,
     ("forward", _source(modeling_bert.BertIntermediate.forward)): _BiasActivationIntermediate,
     ("forward", _source(modeling_mpnet.MPNetSelfAttention.forward)): _PositionBiasSelfAttention,
+    ("forward", _source(modeling_mpnet.MPNetLayer.forward)): _RowBlockMPNetLayer,
     ("forward", _source(modeling_bert.BertEncoder.forward)): _PackedEncoder,
     ("feed_forward_chunk", _source(modeling_bert.BertLayer.feed_forward_chunk)): _RowBlockFeedForward,
 }

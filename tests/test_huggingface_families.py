@@ -168,9 +168,9 @@ def test_padding_free_family_matches_eager(backend_device, family, padding_side)
         _converted_matches_eager(family, device, torch.float32, padding_side, padding_free=True)
 
 
-@pytest.mark.parametrize("family", sorted(BERT_BLOCKS - {"mpnet"}))
+@pytest.mark.parametrize("family", sorted(BERT_BLOCKS))
 def test_feed_forward_runs_in_row_blocks_in_inference(monkeypatch, family):
-    """BERT's layers run their feed-forward sub-layers over blocks of rows in inference on a CPU (see
+    """BERT's (and MPNet's) layers run their feed-forward sub-layers over blocks of rows in inference on a CPU (see
     fastenc.nn.transformer.by_row_blocks): 8 x 20 tokens in blocks of 64, 64 and 32, against the float64 oracle."""
     monkeypatch.setattr(fastenc.nn.transformer, "FEED_FORWARD_BLOCK_BYTES", 1)  # blocks of the least, 64 rows
     from fastenc import huggingface
