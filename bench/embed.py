@@ -169,15 +169,18 @@ def min_cosine(vectors: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def measure(texts: dict[str, list[str]], encoders: dict[str, Encode], passes: int) -> list[dict]:
-    """A row per (workload, provider): texts per second of each pass, and the least cosine against torch fp32."""
+    """A row per (workload, provider): texts per second of each pass, and the least cosine against torch fp32.
+    The providers' order turns by one each pass: a provider runs slower right after some others (the emulated
+    bf16 one, here), which would otherwise always weigh on the same neighbour."""
     rows = []
+    names = list(encoders)
     for workload, items in texts.items():
         vectors = {name: encode(items) for name, encode in encoders.items()}  # also the warm-up pass
         rates = {name: [] for name in encoders}
-        for _ in range(passes):
-            for name, encode in encoders.items():
+        for turn in range(passes):
+            for name in names[turn % len(names):] + names[:turn % len(names)]:
                 start = time.perf_counter()
-                encode(items)
+                encoders[name](items)
                 rates[name].append(len(items) / (time.perf_counter() - start))
         for name in encoders:
             rows.append({"workload": workload, "texts": len(items), "provider": name, "texts_per_s": rates[name],
