@@ -131,14 +131,20 @@ class _PositionBiasSelfAttention(torch.nn.Module):
         return (self.o(c.transpose(1, 2).flatten(2)),)
 
 
+def _hidden_width(layer: torch.nn.Module, x: torch.Tensor) -> int:
+    """The width of a BERT-style layer's hidden feed-forward layer (its intermediate's dense output), or BERT's
+    usual 4 x the model's width where the intermediate has no such Linear."""
+    dense = getattr(layer.intermediate, "dense", None)
+    return dense.out_features if isinstance(dense, torch.nn.Linear) else 4 * x.shape[-1]
+
+
 class _RowBlockFeedForward(torch.nn.Module):
     """feed_forward_chunk of BERT's layer (the intermediate and output sub-layers) over blocks of rows in
     inference on a CPU: see fastenc.nn.transformer.by_row_blocks."""
 
     def feed_forward_chunk(self, attention_output: torch.Tensor) -> torch.Tensor:
-        dense = getattr(self.intermediate, "dense", None)
-        width = dense.out_features if isinstance(dense, torch.nn.Linear) else 4 * attention_output.shape[-1]
-        return by_row_blocks(super().feed_forward_chunk, attention_output, width, self)
+        return by_row_blocks(super().feed_forward_chunk, attention_output, _hidden_width(self, attention_output),
+                             self)
 
 
 class _RowBlockMPNetLayer(torch.nn.Module):
@@ -148,7 +154,7 @@ class _RowBlockMPNetLayer(torch.nn.Module):
         attended = self.attention(hidden_states, attention_mask, position_bias=position_bias,
                                   output_attentions=output_attentions)
         out = by_row_blocks(lambda h: self.output(self.intermediate(h), h), attended[0],
-                            self.intermediate.dense.out_features, self)
+                            _hidden_width(self, attended[0]), self)
         return (out, *attended[1:])
 
 

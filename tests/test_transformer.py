@@ -70,7 +70,7 @@ def test_layer_inference_matches_torch(backend_device, grad_mode, activation):
 def test_feed_forward_runs_in_row_blocks_in_inference(monkeypatch, norm_first):
     """In inference on a CPU the feed-forward block runs over blocks of rows (transformer.by_row_blocks): here
     150 rows in blocks of 64, 64 and 22, against torch's layer; where a gradient is recorded, or a module has a
-    forward hook, in one piece."""
+    forward hook (global or on a module), in one piece."""
     monkeypatch.setattr(fastenc.nn.transformer, "FEED_FORWARD_BLOCK_BYTES", 1)  # blocks of the least, 64 rows
     ours, theirs = _layers(norm_first=norm_first)
     blocks = []
@@ -82,6 +82,12 @@ def test_feed_forward_runs_in_row_blocks_in_inference(monkeypatch, norm_first):
     assert blocks == [64, 64, 22]
     blocks.clear()
     _compare(ours, theirs, x)
+    assert len(blocks) == 1
+    blocks.clear()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *args: None)  # a global hook
+    with torch.no_grad():
+        ours(x)
+    handle.remove()
     assert len(blocks) == 1
     blocks.clear()
     ours.linear2.register_forward_hook(lambda *args: None)

@@ -115,23 +115,6 @@ int64_t prepare_keys(const Problem& p, const Head& h, Scratch& w) {
   return end;
 }
 
-// `count` rows from row `first` of a head's operand (row stride `stride`) into float32 rows of dp floats, times
-// mul; zero past the head's n rows and past d_size.
-void load_rows(const float* src, int64_t stride, int64_t first, int64_t count, int64_t n, int64_t d_size,
-               int64_t dp, float mul, float* dst) {
-  for (int64_t r = 0; r < count; ++r) {
-    float* row = dst + r * dp;
-    const int64_t i = first + r;
-    if (i >= n) {
-      std::fill(row, row + dp, 0.0f);
-      continue;
-    }
-    const float* from = src + i * stride;
-    for (int64_t d = 0; d < d_size; ++d) row[d] = from[d] * mul;
-    std::fill(row + d_size, row + dp, 0.0f);
-  }
-}
-
 // The two instruction sets the kernels are compiled for, each in its own namespace (see attention_kernel.h).
 namespace avx512 {
 #pragma GCC push_options

@@ -95,6 +95,23 @@ void transposed_products(const float* p, int64_t n, const float* x, int64_t ldx,
   for (int64_t j = 0; j < n; j += kRows) accumulate<1, kBlock>(p + j, kRows, x, ldx, z + j * ldz, ldz, dp);
 }
 
+// `count` rows from row `first` of a head's operand (row stride `stride`) into float32 rows of dp floats, times
+// mul; zero past the head's n rows and past d_size.
+void load_rows(const float* src, int64_t stride, int64_t first, int64_t count, int64_t n, int64_t d_size,
+               int64_t dp, float mul, float* dst) {
+  for (int64_t r = 0; r < count; ++r) {
+    float* row = dst + r * dp;
+    const int64_t i = first + r;
+    if (i >= n) {
+      std::fill(row, row + dp, 0.0f);
+      continue;
+    }
+    const float* from = src + i * stride;
+    for (int64_t d = 0; d < d_size; ++d) row[d] = from[d] * mul;
+    std::fill(row + d_size, row + dp, 0.0f);
+  }
+}
+
 // Rows (a multiple of kLanes of them, dp floats each) as panels of kLanes rows, [d][kLanes] for d < d_size.
 void pack_panels(const float* rows, int64_t count, int64_t dp, int64_t d_size, float* panels) {
   for (int64_t c = 0; c < count / kLanes; ++c) {

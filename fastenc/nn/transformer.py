@@ -65,17 +65,24 @@ def linear_bias_activation(x: Tensor, linear: torch.nn.Linear, activation: str, 
 FEED_FORWARD_BLOCK_BYTES = 8 << 20
 
 
+def _hooked(module: torch.nn.Module) -> bool:
+    """Whether a forward hook, global or on `module` or a module inside it, sees its calls."""
+    hooks = torch.nn.modules.module
+    return bool(hooks._global_forward_hooks or hooks._global_forward_pre_hooks) or any(
+        m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+
+
 def by_row_blocks(block, x: Tensor, hidden_width: int, module: torch.nn.Module) -> Tensor:
     """block(x) for a feed-forward `block` of `module` that maps every row (token) of x on its own, run over
     blocks of rows (see FEED_FORWARD_BLOCK_BYTES) where nothing can tell the difference: a CPU tensor, no
-    gradient recorded, not compiling (torch.compile plans its own buffers), no forward hooks on the modules
-    that would see one call per block."""
+    gradient recorded, not compiling (torch.compile plans its own buffers), no forward hook (global or on the
+    module's modules) that would see one call per block."""
     width = x.shape[-1]
     rows = x.numel() // width if width else 0
     block_rows = max(64, FEED_FORWARD_BLOCK_BYTES // (max(hidden_width, 1) * x.element_size()) // 64 * 64)
     if (rows <= block_rows or x.device.type != "cpu" or torch.compiler.is_compiling()
             or records_grad(x, *module.parameters())
-            or any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())):
+            or _hooked(module)):
         return block(x)
     flat = x.reshape(1, rows, width)  # 3-D, as the block may expect (batch, sequence, features)
     out = torch.cat([block(piece) for piece in flat.split(block_rows, dim=1)], dim=1)
