@@ -196,6 +196,7 @@ def attention_case(dtype: str, head_dim: int, heavy: bool, varlen: bool = False)
     import torch
 
     from fastenc.kernels import attention
+    from fastenc.ops.attention import AttentionArgs
 
     def call():
         empty = _meta(dtype)
@@ -204,9 +205,10 @@ def attention_case(dtype: str, head_dim: int, heavy: bool, varlen: bool = False)
         cu_seqlens = empty(BATCH + 1, dtype=torch.int32) if varlen else None
         bias = empty(SEQUENCE, SEQUENCE).expand(BATCH, HEADS, SEQUENCE, SEQUENCE) if heavy and not varlen else None
         kpm = empty(BATCH, SEQUENCE, dtype=torch.bool) if heavy and not varlen else None
-        masks = (bias, kpm, cu_seqlens, cu_seqlens, SEQUENCE, SEQUENCE, heavy, 0.125, 0.1 if heavy else 0.0, SEED)
-        out, lse = attention.attention_forward(q, k, v, *masks)
-        attention.attention_backward(torch.empty_like(out), q, k, v, out, lse, *masks)
+        args = AttentionArgs(q, k, v, bias, kpm, cu_seqlens, cu_seqlens, SEQUENCE, SEQUENCE, heavy, 0.125,
+                             0.1 if heavy else 0.0, SEED)
+        out, lse = attention.attention_forward(args)
+        attention.attention_backward(torch.empty_like(out), out, lse, args)
     flags = ("bias+kpm+causal+dropout" if not varlen else "causal+dropout") if heavy else "plain"
     return Case("attention", dtype, f"head dim {head_dim}", flags + (", varlen" if varlen else ""), call)
 

@@ -14,6 +14,7 @@ from fastenc.ops import bias_activation as _bias_activation_op
 from fastenc.ops import layer_norm as _layer_norm_op
 from fastenc.ops import lstm as _lstm_op
 from fastenc.ops import records_grad, run
+from fastenc.ops.attention import AttentionArgs
 from fastenc.ops.layer_norm import AUTOCAST_FLOAT32_DEVICES
 
 __all__ = ["attention", "attention_varlen", "bias_activation", "layer_norm", "lstm_layer"]
@@ -184,9 +185,9 @@ def attention(
                 f"{tuple(key_padding_mask.shape)} on {key_padding_mask.device}"
             )
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
-    args = (q, k, v, bias, key_padding_mask, None, None, s_q, s_k, bool(is_causal), scale, float(dropout_p),
-            _dropout_seed(dropout_p))
-    out, _ = run(_attention_op.attention, *args, backends.select("attention", q.device.type, *args))
+    args = AttentionArgs(q, k, v, bias, key_padding_mask, None, None, s_q, s_k, bool(is_causal), scale,
+                         float(dropout_p), _dropout_seed(dropout_p))
+    out, _ = run(_attention_op.attention, *args, backends.select("attention", q.device.type, args))
     return out
 
 
@@ -236,9 +237,9 @@ def attention_varlen(
                          f"{cu_q.numel() - 1} and {cu_k.numel() - 1}")
     q, k, v = _autocast_qkv(q, k, v)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    args = (q, k, v, None, None, cu_q, cu_k, max_seqlen_q, max_seqlen_k, bool(is_causal), scale, float(dropout_p),
-            _dropout_seed(dropout_p))
-    out, _ = run(_attention_op.attention, *args, backends.select("attention", q.device.type, *args))
+    args = AttentionArgs(q, k, v, None, None, cu_q, cu_k, max_seqlen_q, max_seqlen_k, bool(is_causal), scale,
+                         float(dropout_p), _dropout_seed(dropout_p))
+    out, _ = run(_attention_op.attention, *args, backends.select("attention", q.device.type, args))
     return out
 
 

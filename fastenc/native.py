@@ -1,7 +1,7 @@
 """The "native" backend: fastenc._C's kernels, which torch's dispatcher knows as torch.ops.fastenc_native.<name>
 (schemas and per-device implementations in csrc/fastenc.cpp; importing fastenc._C registers them). Each op's
-`<op>_forward` / `<op>_backward` here is the dispatcher op of that name: the same contract as the other backends'
-(fastenc/ops/<op>.py)."""
+`<op>_forward` / `<op>_backward` here is the dispatcher op of that name, or (for an op with an argument record)
+calls it with the record's fields: the same contract as the other backends' (fastenc/ops/<op>.py)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,16 @@ import fastenc._C  # noqa: F401  (registers the fastenc_native ops)
 
 _ops = torch.ops.fastenc_native
 
-attention_forward = _ops.attention_forward.default
-attention_backward = _ops.attention_backward.default
+
+
+def attention_forward(a):
+    return _ops.attention_forward.default(*a)
+
+
+def attention_backward(dout, out, lse, a):
+    return _ops.attention_backward.default(dout, a.q, a.k, a.v, out, lse, *a[3:])
+
+
 bias_activation_forward = _ops.bias_activation_forward.default
 bias_activation_backward = _ops.bias_activation_backward.default
 layer_norm_forward = _ops.layer_norm_forward.default

@@ -364,41 +364,38 @@ def _strides4(t: torch.Tensor | None, varlen: bool) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _common(q, k, bias, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal,
-            scale, dropout_p, dropout_seed):
-    """Arguments shared by the three kernels (after the tensors), and the grid's batch*heads extent."""
-    varlen = cu_seqlens_q is not None
+def _common(a, q, key_padding_mask):
+    """Arguments shared by the three kernels (after the tensors), and the grid's batch*heads extent; q and
+    key_padding_mask as the launcher passes them."""
+    varlen = a.cu_seqlens_q is not None
     if varlen:
-        batch, heads, head_dim = cu_seqlens_q.numel() - 1, q.shape[1], q.shape[2]
-        seqlen_q, seqlen_k = max_seqlen_q, max_seqlen_k
+        batch, heads, head_dim = a.cu_seqlens_q.numel() - 1, q.shape[1], q.shape[2]
+        seqlen_q, seqlen_k = a.max_seqlen_q, a.max_seqlen_k
     else:
         batch, heads, seqlen_q, head_dim = q.shape
-        seqlen_k = k.shape[2]
-    bias_strides = bias.stride() if bias is not None else (0, 0, 0, 0)
+        seqlen_k = a.k.shape[2]
+    bias_strides = a.bias.stride() if a.bias is not None else (0, 0, 0, 0)
     # The kernels read a row of the mask as contiguous bytes (the launchers pass it contiguous).
     kpm_stride = key_padding_mask.stride(0) if key_padding_mask is not None else 0
-    seed = int(dropout_seed) if dropout_p > 0 else 0
+    seed = int(a.dropout_seed) if a.dropout_p > 0 else 0
     meta = dict(
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), IS_VARLEN=varlen, HAS_BIAS=bias is not None,
-        HAS_KPM=key_padding_mask is not None, IS_CAUSAL=is_causal, HAS_DROPOUT=dropout_p > 0,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), IS_VARLEN=varlen, HAS_BIAS=a.bias is not None,
+        HAS_KPM=key_padding_mask is not None, IS_CAUSAL=a.is_causal, HAS_DROPOUT=a.dropout_p > 0,
         # float32 inputs get full-precision dots (as torch's default matmul), not TF32.
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
-    return (*bias_strides, kpm_stride), (heads, seqlen_q, seqlen_k, head_dim), scale, seed, meta, batch * heads
+    return (*bias_strides, kpm_stride), (heads, seqlen_q, seqlen_k, head_dim), a.scale, seed, meta, batch * heads
 
 
 def _dummy(t, like):
     return like if t is None else t
 
 
-def attention_forward(q, k, v, bias, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                      is_causal, scale, dropout_p, dropout_seed):
-    varlen = cu_seqlens_q is not None
-    key_padding_mask = None if key_padding_mask is None else key_padding_mask.contiguous()
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    mask_strides, sizes, scale, seed, meta, bh = _common(q, k, bias, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
-                                                         max_seqlen_q, max_seqlen_k, is_causal, scale, dropout_p,
-                                                         dropout_seed)
+def attention_forward(a):
+    varlen = a.cu_seqlens_q is not None
+    key_padding_mask = None if a.key_padding_mask is None else a.key_padding_mask.contiguous()
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in a[:3])
+    mask_strides, sizes, scale, seed, meta, bh = _common(a, q, key_padding_mask)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((q.shape[1], q.shape[0]) if varlen else q.shape[:3], dtype=torch.float32, device=q.device)
     if out.numel() == 0:
@@ -406,22 +403,19 @@ def attention_forward(q, k, v, bias, key_padding_mask, cu_seqlens_q, cu_seqlens_
     lse_strides = (0, lse.stride(0), lse.stride(1)) if varlen else lse.stride()
     grid = lambda meta_: (triton.cdiv(sizes[1], meta_["BLOCK_M"]), bh)  # noqa: E731
     _attention_forward_kernel[grid](
-        q, k, v, _dummy(bias, q), _dummy(key_padding_mask, q), _dummy(cu_seqlens_q, q), _dummy(cu_seqlens_k, q),
-        out, lse, *_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen), *_strides4(out, varlen),
-        *lse_strides, *mask_strides, *sizes, scale * LOG2E, dropout_p, seed, **meta,
+        q, k, v, _dummy(a.bias, q), _dummy(key_padding_mask, q), _dummy(a.cu_seqlens_q, q),
+        _dummy(a.cu_seqlens_k, q), out, lse, *_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen),
+        *_strides4(out, varlen), *lse_strides, *mask_strides, *sizes, scale * LOG2E, a.dropout_p, seed, **meta,
     )
     return out, lse
 
 
-def attention_backward(dout, q, k, v, out, lse, bias, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                       max_seqlen_k, is_causal, scale, dropout_p, dropout_seed):
-    varlen = cu_seqlens_q is not None
-    key_padding_mask = None if key_padding_mask is None else key_padding_mask.contiguous()
-    q, k, v, out = (t.contiguous() for t in (q, k, v, out))
+def attention_backward(dout, out, lse, a):
+    varlen = a.cu_seqlens_q is not None
+    key_padding_mask = None if a.key_padding_mask is None else a.key_padding_mask.contiguous()
+    q, k, v, out = (t.contiguous() for t in (*a[:3], out))
     dout = dout.contiguous()  # shares out's strides, as the kernels assume
-    mask_strides, sizes, scale, seed, meta, bh = _common(q, k, bias, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
-                                                         max_seqlen_q, max_seqlen_k, is_causal, scale, dropout_p,
-                                                         dropout_seed)
+    mask_strides, sizes, scale, seed, meta, bh = _common(a, q, key_padding_mask)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
@@ -430,9 +424,9 @@ def attention_backward(dout, q, k, v, out, lse, bias, key_padding_mask, cu_seqle
     lse_strides = (0, lse.stride(0), lse.stride(1)) if varlen else lse.stride()
     common = (
         *_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen), *_strides4(out, varlen),
-        *lse_strides, *mask_strides, *sizes, scale * LOG2E, scale, dropout_p, seed,
+        *lse_strides, *mask_strides, *sizes, scale * LOG2E, scale, a.dropout_p, seed,
     )
-    masks = (_dummy(bias, q), _dummy(key_padding_mask, q), _dummy(cu_seqlens_q, q), _dummy(cu_seqlens_k, q))
+    masks = (_dummy(a.bias, q), _dummy(key_padding_mask, q), _dummy(a.cu_seqlens_q, q), _dummy(a.cu_seqlens_k, q))
     _attention_backward_dkdv_kernel[lambda m: (triton.cdiv(sizes[2], m["BLOCK_N"]), bh)](
         q, k, v, *masks, dout, lse, delta, dk, dv, *common, **meta
     )

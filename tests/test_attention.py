@@ -12,6 +12,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import fastenc
 from fastenc import backends
 from fastenc import functional as F
+from fastenc.ops.attention import AttentionArgs
 from fastenc.reference.attention import attention_math
 from tests.conftest import compare_with_oracle, gradient_penalty_grads, outputs_and_grads, skip_unless_takes
 
@@ -27,7 +28,8 @@ def attention_backend(backend_device):
     if name not in backends.implemented("attention"):
         pytest.skip(f"{name} has no attention of its own (it runs the reference, see test_backends)")
     q = torch.empty(1, 1, 1, 16, device=device)
-    skip_unless_takes("attention", name, q, q, q, None, None, None, None, 1, 1, False, 1.0, 0.0, None)
+    skip_unless_takes("attention", name,
+                      AttentionArgs(q, q, q, None, None, None, None, 1, 1, False, 1.0, 0.0, None))
     return name, device
 
 
@@ -53,8 +55,8 @@ def _check(q, k, v, attn_mask=None, key_padding_mask=None, is_causal=False, scal
     b, h, s_q, d = q.shape
     s_k = k.shape[2]
     bias = None if attn_mask is None else attn_mask.to(q.dtype if attn_mask.dtype == torch.bool else attn_mask.dtype)
-    skip_unless_takes("attention", fastenc.get_backend(), q, k, v, bias, key_padding_mask, None, None, s_q, s_k,
-                      is_causal, 1.0, 0.0, None)
+    skip_unless_takes("attention", fastenc.get_backend(),
+                      AttentionArgs(q, k, v, bias, key_padding_mask, None, None, s_q, s_k, is_causal, 1.0, 0.0, None))
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(7)).to(q)
 
     def ours(q, k, v):
@@ -185,7 +187,8 @@ def test_dropout(attention_backend):
     name, device = attention_backend
     b, h, s_q, s_k, p = 2, 2, 24, 40, 0.25
     q, k, v = _qkv(b, h, s_q, s_k, 32, torch.float32, device, seed=5)
-    skip_unless_takes("attention", name, q, k, v, None, None, None, None, s_q, s_k, False, 1.0, p, None)
+    skip_unless_takes("attention", name,
+                      AttentionArgs(q, k, v, None, None, None, None, s_q, s_k, False, 1.0, p, None))
     keep = _dropout_mask(name, device, b, h, s_q, s_k, p, seed=11)
     # Keep rate: 3840 Bernoulli draws, so 5 standard deviations is about 0.035.
     sd = math.sqrt(p * (1 - p) / keep.numel())
@@ -213,7 +216,8 @@ def test_dropout_streams_of_seeds_and_heads_do_not_overlap(attention_backend, mo
     """Head 1 under seed s must not draw head 0's mask under seed s + 1: each (seed, head) has its own stream."""
     name, device = attention_backend
     q, k, v = _qkv(1, 2, 24, 40, 32, torch.float32, device, seed=5)
-    skip_unless_takes("attention", name, q, k, v, None, None, None, None, 24, 40, False, 1.0, 0.25, None)
+    skip_unless_takes("attention", name,
+                      AttentionArgs(q, k, v, None, None, None, None, 24, 40, False, 1.0, 0.25, None))
     masks = {}
     for seed in (7, 8):
         monkeypatch.setattr(F, "_dropout_seed", lambda p, seed=seed: torch.tensor(seed))

@@ -13,6 +13,7 @@ import torch
 
 import fastenc
 from fastenc import backends
+from fastenc.ops.attention import AttentionArgs
 from tests.conftest import REQUIRED
 
 
@@ -151,9 +152,9 @@ def test_auto_runs_what_takes_the_inputs_and_the_numbers_are_right():
     with fastenc.backend("reference"):
         torch.testing.assert_close(out, fastenc.functional.attention(q, k, v, is_causal=True))
     fastenc.functional.attention(q.float(), k.float(), v.float())
-    probe = (q.float(), k.float(), v.float(), None, None, None, None, 9, 9, False, 1.0, 0.0, None)
+    probe = AttentionArgs(q.float(), k.float(), v.float(), None, None, None, None, 9, 9, False, 1.0, 0.0, None)
     native = "native" in backends.implemented("attention")
-    expected = "native" if native and backends.input_reason("attention", "native", *probe) is None else "torch"
+    expected = "native" if native and backends.input_reason("attention", "native", probe) is None else "torch"
     assert _ran("attention") == expected
 
 

@@ -18,6 +18,7 @@ import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 
 import fastenc
+from fastenc.ops.attention import AttentionArgs
 from tests.conftest import ATOL_FLOOR, skip_unless_takes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -113,7 +114,8 @@ def test_activation_checkpointing_gives_the_same_outputs_and_gradients(backend_d
     reproduced, and the rest of the check is the same."""
     name, device = backend_device
     probe = torch.empty(1, 1, 1, 16, device=device)
-    skip_unless_takes("attention", name, probe, probe, probe, None, None, None, None, 1, 1, False, 1.0, 0.25, None)
+    skip_unless_takes("attention", name,
+                      AttentionArgs(probe, probe, probe, None, None, None, None, 1, 1, False, 1.0, 0.25, None))
     plain = _encoder(0.25, device).train()
     wrapped = copy.deepcopy(plain)
     apply_activation_checkpointing(wrapped, check_fn=lambda m: isinstance(m, fastenc.nn.TransformerEncoderLayer))
@@ -185,7 +187,8 @@ def test_cpu_bf16_autocast_matches_torch(backend_device, padded):
     if device != "cpu":
         pytest.skip("the CUDA autocast test is test_cuda_autocast_matches_torch")
     probe = torch.empty(1, 1, 1, 16, dtype=torch.bfloat16)
-    skip_unless_takes("attention", name, probe, probe, probe, None, None, None, None, 1, 1, False, 1.0, 0.0, None)
+    skip_unless_takes("attention", name,
+                      AttentionArgs(probe, probe, probe, None, None, None, None, 1, 1, False, 1.0, 0.0, None))
     _check_autocast("cpu", torch.bfloat16, padded)
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import typing
 from typing import Callable
 
 import torch
 from torch import Tensor
 
 _PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+_SCHEMA_TYPES = {Tensor: "Tensor", Tensor | None: "Tensor?", int: "SymInt", float: "float", bool: "bool", str: "str"}
 
 
 def forward_op(name: str) -> Callable:
@@ -17,6 +19,50 @@ def forward_op(name: str) -> Callable:
         op.body = fn
         return op
     return wrap
+
+
+def spec_op(name: str, args: type, returns: str, leading: tuple[str, ...] = ()) -> Callable:
+    """Decorator making `fn(*leading tensors, a, backend)` the torch.library custom op `name`, where `a` is the
+    op's argument record `args`: a NamedTuple, the one place the op's arguments are declared (functional builds
+    it once, every backend and `supports` function takes it). The schema is derived from the record's
+    annotations, so the dispatcher sees its fields as flat arguments, then the backend's name. The op keeps
+    `.body` (flat arguments, for `run`) and `.unflatten(flat) -> (leading, a, backend)` (for its fake kernel and
+    autograd context)."""
+    hints = typing.get_type_hints(args)
+    fields = [f"Tensor {t}" for t in leading] + [f"{_SCHEMA_TYPES[hints[f]]} {f}" for f in args._fields]
+    schema = f"({', '.join(fields)}, str backend) -> {returns}"
+    n = len(leading)
+
+    def unflatten(flat):
+        return flat[:n], args._make(flat[n:-1]), flat[-1]
+
+    def wrap(fn):
+        def body(*flat):
+            lead, a, backend = unflatten(flat)
+            return fn(*lead, a, backend)
+        op = torch.library.custom_op(name, body, mutates_args=(), schema=schema)
+        op.body, op.unflatten = body, unflatten
+        return op
+    return wrap
+
+
+def save_args(ctx, a: tuple, *tensors: Tensor) -> None:
+    """Save `tensors` and the tensor fields of the argument record `a` for the backward (its other fields are kept
+    as they are); `saved_args` gives them back."""
+    is_tensor = [isinstance(x, Tensor) for x in a]
+    ctx.save_for_backward(*tensors, *(x for x, t in zip(a, is_tensor) if t))
+    # The record itself is kept without its tensors: tensors held on ctx outside save_for_backward escape its
+    # in-place modification checks and can keep a graph alive.
+    ctx.saved_record = a._make(None if t else x for x, t in zip(a, is_tensor))
+    ctx.saved_is_tensor, ctx.saved_count = is_tensor, len(tensors)
+
+
+def saved_args(ctx) -> tuple[tuple[Tensor, ...], tuple]:
+    """(the tensors given to save_args, the argument record with its saved tensor fields)."""
+    saved = ctx.saved_tensors
+    fields = iter(saved[ctx.saved_count:])
+    a = ctx.saved_record
+    return saved[:ctx.saved_count], a._make(next(fields) if t else x for x, t in zip(a, ctx.saved_is_tensor))
 
 
 def records_grad(*tensors: Tensor | None) -> bool:

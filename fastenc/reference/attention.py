@@ -1,6 +1,6 @@
 """Attention in plain PyTorch: materialised scores, float32 accumulation (float64 for float64 input).
 
-Conventions shared with the kernels (contract: fastenc/ops/attention.py):
+Conventions shared with the kernels (contract and arguments: fastenc/ops/attention.py):
 - bias: an additive float mask broadcastable to (B, H, S_q, S_k); key_padding_mask: (B, S_k) bool, True = ignore;
   causal: query i sees keys j <= i (top-left aligned when S_q != S_k, as scaled_dot_product_attention).
 - A query row with every key masked gives output 0 and log-sum-exp +inf (so its recomputed probabilities are 0).
@@ -104,28 +104,28 @@ def _per_sequence(fn, q_side, k_side, cu_seqlens_q, cu_seqlens_k, dropout_p, see
     return [torch.cat([r[j][0].transpose(0, 1) for r in results]) for j in range(len(results[0]))]
 
 
-def attention_forward(q, k, v, bias, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                      is_causal, scale, dropout_p, dropout_seed):
-    if cu_seqlens_q is None:
-        keep = _dropout_keep((*q.shape[:3], k.shape[2]), dropout_p, dropout_seed, q.device)
-        out, lse = attention_math(q, k, v, bias, key_padding_mask, is_causal, scale, keep, dropout_p)
+def attention_forward(a):
+    if a.cu_seqlens_q is None:
+        keep = _dropout_keep((*a.q.shape[:3], a.k.shape[2]), a.dropout_p, a.dropout_seed, a.q.device)
+        out, lse = attention_math(a.q, a.k, a.v, a.bias, a.key_padding_mask, a.is_causal, a.scale, keep, a.dropout_p)
         return out.contiguous(), lse.contiguous()
     out, lse = _per_sequence(
         lambda q, k, v, keep: [t.unsqueeze(-1) if t.dim() == 3 else t for t in
-                               attention_math(q, k, v, None, None, is_causal, scale, keep, dropout_p)],
-        (q,), (k, v), cu_seqlens_q, cu_seqlens_k, dropout_p, dropout_seed,
+                               attention_math(q, k, v, None, None, a.is_causal, a.scale, keep, a.dropout_p)],
+        (a.q,), (a.k, a.v), a.cu_seqlens_q, a.cu_seqlens_k, a.dropout_p, a.dropout_seed,
     )
     return out.contiguous(), lse.squeeze(-1).t().contiguous()  # lse: (T, H, 1) -> (H, T)
 
 
-def attention_backward(dout, q, k, v, out, lse, bias, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                       max_seqlen_k, is_causal, scale, dropout_p, dropout_seed):
-    if cu_seqlens_q is None:
-        keep = _dropout_keep((*q.shape[:3], k.shape[2]), dropout_p, dropout_seed, q.device)
-        grads = _attention_grads(dout, q, k, v, bias, key_padding_mask, is_causal, scale, keep, dropout_p)
+def attention_backward(dout, out, lse, a):
+    if a.cu_seqlens_q is None:
+        keep = _dropout_keep((*a.q.shape[:3], a.k.shape[2]), a.dropout_p, a.dropout_seed, a.q.device)
+        grads = _attention_grads(dout, a.q, a.k, a.v, a.bias, a.key_padding_mask, a.is_causal, a.scale, keep,
+                                 a.dropout_p)
         return tuple(g.contiguous() for g in grads)
     grads = _per_sequence(
-        lambda dout, q, k, v, keep: _attention_grads(dout, q, k, v, None, None, is_causal, scale, keep, dropout_p),
-        (dout, q), (k, v), cu_seqlens_q, cu_seqlens_k, dropout_p, dropout_seed,
+        lambda dout, q, k, v, keep: _attention_grads(dout, q, k, v, None, None, a.is_causal, a.scale, keep,
+                                                     a.dropout_p),
+        (dout, a.q), (a.k, a.v), a.cu_seqlens_q, a.cu_seqlens_k, a.dropout_p, a.dropout_seed,
     )
     return tuple(g.contiguous() for g in grads)

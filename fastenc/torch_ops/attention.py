@@ -74,21 +74,20 @@ def _heads_first(t):
     return t.transpose(0, 1).unsqueeze(0)
 
 
-def attention_forward(q, k, v, bias, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                      is_causal, scale, dropout_p, dropout_seed):
-    if dropout_p > 0:
-        return reference.attention_forward(q, k, v, bias, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                           max_seqlen_k, is_causal, scale, dropout_p, dropout_seed)
-    if cu_seqlens_q is None:
-        out, lse = _attend(q, k, v, bias, key_padding_mask, is_causal, scale)
+def attention_forward(a):
+    if a.dropout_p > 0:
+        return reference.attention_forward(a)
+    if a.cu_seqlens_q is None:
+        out, lse = _attend(a.q, a.k, a.v, a.bias, a.key_padding_mask, a.is_causal, a.scale)
         return out.contiguous(), lse.contiguous()
+    q, k, v = a.q, a.k, a.v
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((q.shape[1], q.shape[0]), dtype=_lse_dtype(q), device=q.device)
-    for tokens_q, tokens_k in _sequences(cu_seqlens_q, cu_seqlens_k):
+    for tokens_q, tokens_k in _sequences(a.cu_seqlens_q, a.cu_seqlens_k):
         if tokens_q.stop == tokens_q.start:
             continue
-        o, l = _attend(*(_heads_first(t) for t in (q[tokens_q], k[tokens_k], v[tokens_k])), None, None, is_causal,
-                       scale)
+        o, l = _attend(*(_heads_first(t) for t in (q[tokens_q], k[tokens_k], v[tokens_k])), None, None, a.is_causal,
+                       a.scale)
         out[tokens_q] = o[0].transpose(0, 1)
         lse[:, tokens_q] = l[0]
     return out, lse
@@ -101,22 +100,19 @@ def _attend_backward(dout, q, k, v, out, lse, bias, key_padding_mask, is_causal,
                            scale=scale)
 
 
-def attention_backward(dout, q, k, v, out, lse, bias, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                       max_seqlen_k, is_causal, scale, dropout_p, dropout_seed):
-    if dropout_p > 0:
-        return reference.attention_backward(dout, q, k, v, out, lse, bias, key_padding_mask, cu_seqlens_q,
-                                            cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale, dropout_p,
-                                            dropout_seed)
-    if cu_seqlens_q is None:
-        grads = _attend_backward(dout, q, k, v, out, lse, bias, key_padding_mask, is_causal, scale)
+def attention_backward(dout, out, lse, a):
+    if a.dropout_p > 0:
+        return reference.attention_backward(dout, out, lse, a)
+    if a.cu_seqlens_q is None:
+        grads = _attend_backward(dout, a.q, a.k, a.v, out, lse, a.bias, a.key_padding_mask, a.is_causal, a.scale)
         return tuple(g.contiguous() for g in grads)
-    dq, dk, dv = (torch.zeros_like(t) for t in (q, k, v))
-    for tokens_q, tokens_k in _sequences(cu_seqlens_q, cu_seqlens_k):
+    dq, dk, dv = (torch.zeros_like(t) for t in a[:3])
+    for tokens_q, tokens_k in _sequences(a.cu_seqlens_q, a.cu_seqlens_k):
         if tokens_q.stop == tokens_q.start:
             continue
-        pieces = [_heads_first(t[tokens_q]) for t in (dout, q)] + [_heads_first(t[tokens_k]) for t in (k, v)]
+        pieces = [_heads_first(t[tokens_q]) for t in (dout, a.q)] + [_heads_first(t[tokens_k]) for t in (a.k, a.v)]
         grads = _attend_backward(*pieces, _heads_first(out[tokens_q]), lse[:, tokens_q].unsqueeze(0), None, None,
-                                 is_causal, scale)
+                                 a.is_causal, a.scale)
         for full, part, tokens in zip((dq, dk, dv), grads, (tokens_q, tokens_k, tokens_k)):
             full[tokens] = part[0].transpose(0, 1)
     return dq, dk, dv
