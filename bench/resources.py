@@ -229,12 +229,14 @@ def layer_norm_case(dtype: str, n: int) -> Case:
 def bias_activation_case(dtype: str) -> Case:
     """Forward and backward with a bias, exact GELU and dropout."""
     from fastenc.kernels import bias_activation
+    from fastenc.ops.bias_activation import BiasActivationArgs
 
     def call():
         empty = _meta(dtype)
         x, dy, b = empty(ROWS, 3072), empty(ROWS, 3072), empty(3072)
-        bias_activation.bias_activation_forward(x, b, "gelu", 0.1, SEED)
-        bias_activation.bias_activation_backward(dy, x, b, "gelu", 0.1, SEED)
+        args = BiasActivationArgs(x, b, "gelu", 0.1, SEED)
+        bias_activation.bias_activation_forward(args)
+        bias_activation.bias_activation_backward(dy, args)
     return Case("bias_activation", dtype, "any", "bias+gelu+dropout", call)
 
 

@@ -15,6 +15,7 @@ from fastenc.ops import layer_norm as _layer_norm_op
 from fastenc.ops import lstm as _lstm_op
 from fastenc.ops import records_grad, run
 from fastenc.ops.attention import AttentionArgs
+from fastenc.ops.bias_activation import BiasActivationArgs
 from fastenc.ops.layer_norm import AUTOCAST_FLOAT32_DEVICES
 
 __all__ = ["attention", "attention_varlen", "bias_activation", "layer_norm", "lstm_layer"]
@@ -255,8 +256,8 @@ def bias_activation(input: Tensor, bias: Tensor | None, activation: str = "relu"
     width = input.shape[-1]
     lowp = (torch.float32,) if input.dtype in (torch.float16, torch.bfloat16) else ()
     _check_like("bias", bias, input, (width,), (input.dtype, *lowp))
-    args = (input.reshape(-1, width), bias, activation, float(dropout_p), _dropout_seed(dropout_p))
-    y = run(_bias_activation_op.bias_activation, *args, backends.select("bias_activation", input.device.type, *args))
+    args = BiasActivationArgs(input.reshape(-1, width), bias, activation, float(dropout_p), _dropout_seed(dropout_p))
+    y = run(_bias_activation_op.bias_activation, *args, backends.select("bias_activation", input.device.type, args))
     return y.view_as(input)
 
 

@@ -21,8 +21,14 @@ def attention_backward(dout, out, lse, a):
     return _ops.attention_backward.default(dout, a.q, a.k, a.v, out, lse, *a[3:])
 
 
-bias_activation_forward = _ops.bias_activation_forward.default
-bias_activation_backward = _ops.bias_activation_backward.default
+def bias_activation_forward(a):
+    return _ops.bias_activation_forward.default(*a)
+
+
+def bias_activation_backward(dy, a):
+    return _ops.bias_activation_backward.default(dy, *a)
+
+
 layer_norm_forward = _ops.layer_norm_forward.default
 layer_norm_backward = _ops.layer_norm_backward.default
 lstm_layer_forward = _ops.lstm_layer_forward.default

@@ -76,30 +76,29 @@ def _rows(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _launch(kernel, x, bias, activation, dropout_p, dropout_seed, *tensors):
-    m, n = x.shape
+def _launch(kernel, a, *tensors):
+    m, n = a.x.shape
     grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(n, BLOCK_N))
-    seed = int(dropout_seed) if dropout_p > 0 else 0
-    kernel[grid](*tensors, m, n, dropout_p, seed, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-                 ACTIVATION=ACTIVATIONS[activation], HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0)
+    seed = int(a.dropout_seed) if a.dropout_p > 0 else 0
+    kernel[grid](*tensors, m, n, a.dropout_p, seed, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                 ACTIVATION=ACTIVATIONS[a.activation], HAS_BIAS=a.bias is not None, HAS_DROPOUT=a.dropout_p > 0)
 
 
-def bias_activation_forward(x, bias, activation, dropout_p, dropout_seed):
-    x = _rows(x)
+def bias_activation_forward(a):
+    x = _rows(a.x)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if x.numel():
-        _launch(_bias_activation_forward_kernel, x, bias, activation, dropout_p, dropout_seed,
-                x, x if bias is None else bias, y, x.stride(0))
+        _launch(_bias_activation_forward_kernel, a, x, x if a.bias is None else a.bias, y, x.stride(0))
     return y
 
 
-def bias_activation_backward(dy, x, bias, activation, dropout_p, dropout_seed):
-    dy, x = _rows(dy), _rows(x)
+def bias_activation_backward(dy, a):
+    dy, x = _rows(dy), _rows(a.x)
     m, n = x.shape
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    partial = torch.zeros((triton.cdiv(m, BLOCK_M) if bias is not None else 0, n), dtype=torch.float32,
+    partial = torch.zeros((triton.cdiv(m, BLOCK_M) if a.bias is not None else 0, n), dtype=torch.float32,
                           device=x.device)
     if x.numel():
-        _launch(_bias_activation_backward_kernel, x, bias, activation, dropout_p, dropout_seed,
-                dy, x, x if bias is None else bias, dx, partial, dy.stride(0), x.stride(0))
-    return dx, partial.sum(dim=0) if bias is not None else partial.new_empty(0)
+        _launch(_bias_activation_backward_kernel, a, dy, x, x if a.bias is None else a.bias, dx, partial,
+                dy.stride(0), x.stride(0))
+    return dx, partial.sum(dim=0) if a.bias is not None else partial.new_empty(0)

@@ -11,6 +11,7 @@ import torch.nn.functional as TF
 import fastenc
 from fastenc import backends
 from fastenc import functional as F
+from fastenc.ops.bias_activation import BiasActivationArgs
 from fastenc.reference import bias_activation as reference
 from tests.conftest import compare_with_oracle, gradient_penalty_grads, outputs_and_grads, skip_unless_takes
 
@@ -26,7 +27,8 @@ def op_backend(backend_device):
     name, device = backend_device
     if name not in backends.implemented("bias_activation"):
         pytest.skip(f"{name} has no bias_activation of its own (it runs the reference)")
-    skip_unless_takes("bias_activation", name, torch.empty(1, 1, device=device), None, "relu", 0.0, None)
+    skip_unless_takes("bias_activation", name,
+                      BiasActivationArgs(torch.empty(1, 1, device=device), None, "relu", 0.0, None))
     return name, device
 
 
@@ -84,7 +86,8 @@ def test_without_bias_and_with_float32_bias(op_backend):
 def test_dropout(op_backend):
     name, device = op_backend
     p, shape = 0.3, (64, 96)
-    skip_unless_takes("bias_activation", name, torch.empty(shape, device=device), None, "relu", p, None)
+    skip_unless_takes("bias_activation", name,
+                      BiasActivationArgs(torch.empty(shape, device=device), None, "relu", p, None))
 
     def run(x, seed):
         torch.manual_seed(seed)
@@ -167,7 +170,8 @@ def test_native_strided_and_without_bias(native, activation):
         exact = outputs_and_grads(lambda x: _torch64(activation, x), (x,), [dy_x], cast=torch.float64)
         eager = outputs_and_grads(lambda x: _torch64(activation, x), (x,), [dy_x])
         compare_with_oracle(["y", "dx"], got, eager, exact)
-    dx, dbias = native.bias_activation_backward(dy[:40, :257].contiguous(), base[:, :257], None, activation, 0.0, None)
+    dx, dbias = native.bias_activation_backward(dy[:40, :257].contiguous(),
+                                                BiasActivationArgs(base[:, :257], None, activation, 0.0, None))
     assert dbias.shape == (0,) and dx.shape == (40, 257)
 
 
@@ -187,21 +191,23 @@ def test_native_dropout_mask(native, dtype):
     x, b = _inputs(shape, dtype, "cpu")
     seed = torch.tensor(1234)
     # relu(1) = 1: with x = 1 the output is the mask, scaled.
-    kept = native.bias_activation_forward(torch.ones(shape, dtype=dtype), None, "relu", p, seed) != 0
+    kept = native.bias_activation_forward(BiasActivationArgs(torch.ones(shape, dtype=dtype), None, "relu", p,
+                                                             seed)) != 0
     sd = math.sqrt(p * (1 - p) / kept.numel())
     assert abs(kept.double().mean().item() - (1 - p)) < 5 * sd
-    y = native.bias_activation_forward(x, b, "gelu", p, seed)
-    assert torch.equal(y, native.bias_activation_forward(x, b, "gelu", p, seed))
-    other = native.bias_activation_forward(torch.ones(shape, dtype=dtype), None, "relu", p, torch.tensor(1235))
+    y = native.bias_activation_forward(BiasActivationArgs(x, b, "gelu", p, seed))
+    assert torch.equal(y, native.bias_activation_forward(BiasActivationArgs(x, b, "gelu", p, seed)))
+    other = native.bias_activation_forward(
+        BiasActivationArgs(torch.ones(shape, dtype=dtype), None, "relu", p, torch.tensor(1235)))
     assert not torch.equal(kept, other != 0)
-    dense = native.bias_activation_forward(x, b, "gelu", 0.0, None)
+    dense = native.bias_activation_forward(BiasActivationArgs(x, b, "gelu", 0.0, None))
     assert not y[~kept].any()
     torch.testing.assert_close(y[kept], (dense.double() / (1 - p)).to(dtype)[kept], rtol=2 * torch.finfo(dtype).eps,
                                atol=0)
     # The backward regenerates the forward's mask: dx = dy * act'(z) / (1 - p) where kept, 0 elsewhere.
     dy = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(dtype)
-    dx, dbias = native.bias_activation_backward(dy, x, b, "gelu", p, seed)
-    dx_dense, _ = native.bias_activation_backward(dy, x, b, "gelu", 0.0, None)
+    dx, dbias = native.bias_activation_backward(dy, BiasActivationArgs(x, b, "gelu", p, seed))
+    dx_dense, _ = native.bias_activation_backward(dy, BiasActivationArgs(x, b, "gelu", 0.0, None))
     assert not dx[~kept].any()
     expected = (dx_dense.double() / (1 - p)).to(dtype)
     torch.testing.assert_close(dx[kept], expected[kept], rtol=2 * torch.finfo(dtype).eps, atol=0)
@@ -218,8 +224,8 @@ def test_native_dropout_matches_triton(native):
 
     x, b = _inputs((37, 300), torch.float32, "cpu")
     seed = torch.tensor(987654321)
-    assert torch.equal(native.bias_activation_forward(x, b, "relu", 0.25, seed) != 0,
-                       triton_impl.bias_activation_forward(x, b, "relu", 0.25, seed) != 0)
+    assert torch.equal(native.bias_activation_forward(BiasActivationArgs(x, b, "relu", 0.25, seed)) != 0,
+                       triton_impl.bias_activation_forward(BiasActivationArgs(x, b, "relu", 0.25, seed)) != 0)
 
 
 def _step(mag):
@@ -282,8 +288,8 @@ def test_native_gelu_accuracy(native):
     ones = torch.ones_like(z)
     cdf = 0.5 * torch.special.erfc(-zd / math.sqrt(2))
     density = torch.exp(-zd * zd / 2) / math.sqrt(2 * math.pi)
-    y = native.bias_activation_forward(z, None, "gelu", 0.0, None)
-    dx, _ = native.bias_activation_backward(ones, z, None, "gelu", 0.0, None)
+    y = native.bias_activation_forward(BiasActivationArgs(z, None, "gelu", 0.0, None))
+    dx, _ = native.bias_activation_backward(ones, BiasActivationArgs(z, None, "gelu", 0.0, None))
     assert _ulps(y, zd * cdf).max() <= 6
     grad = cdf + zd * density
     assert _ulps(dx, grad, torch.maximum(grad.abs(), cdf)).max() <= 8
@@ -291,8 +297,8 @@ def test_native_gelu_accuracy(native):
     k = math.sqrt(2 / math.pi)
     v = 2 * k * (zd + 0.044715 * zd**3)
     s = torch.sigmoid(v)
-    y = native.bias_activation_forward(z, None, "gelu_tanh", 0.0, None)
-    dx, _ = native.bias_activation_backward(ones, z, None, "gelu_tanh", 0.0, None)
+    y = native.bias_activation_forward(BiasActivationArgs(z, None, "gelu_tanh", 0.0, None))
+    dx, _ = native.bias_activation_backward(ones, BiasActivationArgs(z, None, "gelu_tanh", 0.0, None))
     # ... plus |z| times s's subnormal step, where s = sigmoid(v) < 2^-126 (v < -87.3)
     bound = (6 + 5 * v.abs()) * _step(zd * s) + zd.abs() * 2.0**-149
     assert ((y.double() - zd * s).abs() <= bound).all()
@@ -310,8 +316,8 @@ def test_native_far_tails(native):
         zd = z.double().requires_grad_()
         want = _torch64(activation, zd)
         (grad,) = torch.autograd.grad(want, zd, torch.ones_like(want))
-        y = native.bias_activation_forward(z, None, activation, 0.0, None)
-        dx, _ = native.bias_activation_backward(ones, z, None, activation, 0.0, None)
+        y = native.bias_activation_forward(BiasActivationArgs(z, None, activation, 0.0, None))
+        dx, _ = native.bias_activation_backward(ones, BiasActivationArgs(z, None, activation, 0.0, None))
         torch.testing.assert_close(y.double(), want.detach(), atol=1e-30, rtol=2e-7)
         torch.testing.assert_close(dx.double(), grad, atol=1e-30, rtol=2e-7)
 
@@ -323,7 +329,8 @@ def test_native_special_values(native):
         z = x.double().requires_grad_()
         want = _torch64(activation, z)
         (grad,) = torch.autograd.grad(want, z, torch.ones_like(want))
-        y = native.bias_activation_forward(x, None, activation, 0.0, None)
-        dx, _ = native.bias_activation_backward(torch.ones_like(x), x, None, activation, 0.0, None)
+        y = native.bias_activation_forward(BiasActivationArgs(x, None, activation, 0.0, None))
+        dx, _ = native.bias_activation_backward(torch.ones_like(x),
+                                                BiasActivationArgs(x, None, activation, 0.0, None))
         torch.testing.assert_close(y.double(), want.detach(), equal_nan=True)
         torch.testing.assert_close(dx.double(), grad, equal_nan=True)

@@ -36,18 +36,18 @@ def _activation_backward(dy, z, activation):
     return torch.ops.aten.gelu_backward(dy, z, approximate="tanh" if activation == "gelu_tanh" else "none")
 
 
-def bias_activation_forward(x, bias, activation, dropout_p, dropout_seed):
-    z = _pre_activation(x, bias)
-    y = _activate(z, activation)
-    scale = _dropout_scale(z, dropout_p, dropout_seed)
-    return (y if scale is None else y * scale).to(x.dtype)
+def bias_activation_forward(a):
+    z = _pre_activation(a.x, a.bias)
+    y = _activate(z, a.activation)
+    scale = _dropout_scale(z, a.dropout_p, a.dropout_seed)
+    return (y if scale is None else y * scale).to(a.x.dtype)
 
 
-def bias_activation_backward(dy, x, bias, activation, dropout_p, dropout_seed):
-    z = _pre_activation(x, bias)
-    dz = _activation_backward(dy.to(z.dtype), z, activation)
-    scale = _dropout_scale(z, dropout_p, dropout_seed)
+def bias_activation_backward(dy, a):
+    z = _pre_activation(a.x, a.bias)
+    dz = _activation_backward(dy.to(z.dtype), z, a.activation)
+    scale = _dropout_scale(z, a.dropout_p, a.dropout_seed)
     if scale is not None:
         dz = dz * scale
-    dbias = dz.sum(dim=0) if bias is not None else z.new_empty(0)
-    return dz.to(x.dtype), dbias
+    dbias = dz.sum(dim=0) if a.bias is not None else z.new_empty(0)
+    return dz.to(a.x.dtype), dbias

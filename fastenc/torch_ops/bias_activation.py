@@ -18,23 +18,23 @@ def _approximate(activation):
     return "tanh" if activation == "gelu_tanh" else "none"
 
 
-def bias_activation_forward(x, bias, activation, dropout_p, dropout_seed):
-    if dropout_p > 0:
-        return reference.bias_activation_forward(x, bias, activation, dropout_p, dropout_seed)
-    z = _pre_activation(x, bias)
-    y = TF.relu(z) if activation == "relu" else TF.gelu(z, approximate=_approximate(activation))
-    return y.to(x.dtype).contiguous()
+def bias_activation_forward(a):
+    if a.dropout_p > 0:
+        return reference.bias_activation_forward(a)
+    z = _pre_activation(a.x, a.bias)
+    y = TF.relu(z) if a.activation == "relu" else TF.gelu(z, approximate=_approximate(a.activation))
+    return y.to(a.x.dtype).contiguous()
 
 
-def bias_activation_backward(dy, x, bias, activation, dropout_p, dropout_seed):
-    if dropout_p > 0:
-        return reference.bias_activation_backward(dy, x, bias, activation, dropout_p, dropout_seed)
-    z = _pre_activation(x, bias)
+def bias_activation_backward(dy, a):
+    if a.dropout_p > 0:
+        return reference.bias_activation_backward(dy, a)
+    z = _pre_activation(a.x, a.bias)
     dy = dy.to(z.dtype)
-    if activation == "relu":
+    if a.activation == "relu":
         dz = torch.ops.aten.threshold_backward(dy, z, 0)
     else:
-        dz = torch.ops.aten.gelu_backward(dy, z, approximate=_approximate(activation))
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    dbias = dz.sum(dim=0, dtype=acc) if bias is not None else z.new_empty(0, dtype=acc)
-    return dz.to(x.dtype).contiguous(), dbias
+        dz = torch.ops.aten.gelu_backward(dy, z, approximate=_approximate(a.activation))
+    acc = torch.float64 if a.x.dtype == torch.float64 else torch.float32
+    dbias = dz.sum(dim=0, dtype=acc) if a.bias is not None else z.new_empty(0, dtype=acc)
+    return dz.to(a.x.dtype).contiguous(), dbias
