@@ -216,13 +216,14 @@ def attention_case(dtype: str, head_dim: int, heavy: bool, varlen: bool = False)
 def layer_norm_case(dtype: str, n: int) -> Case:
     """Forward and backward with a residual (its sum stored and its gradient added), a weight and a bias."""
     from fastenc.kernels import layer_norm
+    from fastenc.ops.layer_norm import LayerNormArgs, LayerNormBackwardArgs
 
     def call():
         empty = _meta(dtype)
         x, r, dy, ds = (empty(ROWS, n) for _ in range(4))
         w, b = empty(n), empty(n)
-        y, s, mean, rstd = layer_norm.layer_norm_forward(x, r, w, b, 1e-5, True)
-        layer_norm.layer_norm_backward(dy, ds, s, w, mean, rstd, True)
+        y, s, mean, rstd = layer_norm.layer_norm_forward(LayerNormArgs(x, r, w, b, 1e-5, True))
+        layer_norm.layer_norm_backward(LayerNormBackwardArgs(dy, ds, s, w, mean, rstd, True))
     return Case("layer_norm", dtype, f"N {n}", "residual+weight+bias", call)
 
 

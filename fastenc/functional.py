@@ -16,7 +16,7 @@ from fastenc.ops import lstm as _lstm_op
 from fastenc.ops import records_grad, run
 from fastenc.ops.attention import AttentionArgs
 from fastenc.ops.bias_activation import BiasActivationArgs
-from fastenc.ops.layer_norm import AUTOCAST_FLOAT32_DEVICES
+from fastenc.ops.layer_norm import AUTOCAST_FLOAT32_DEVICES, LayerNormArgs
 
 __all__ = ["attention", "attention_varlen", "bias_activation", "layer_norm", "lstm_layer"]
 
@@ -82,15 +82,9 @@ def layer_norm(
     width = math.prod(shape)
     rows = input.reshape(-1, width)
     store_sum = residual is not None and (return_residual or records_grad(input, residual, weight, bias))
-    args = (
-        rows,
-        None if residual is None else residual.reshape(-1, width),
-        _flat(weight),
-        _flat(bias),
-        float(eps),
-        store_sum,
-    )
-    y, summed, _, _ = run(_layer_norm_op.layer_norm, *args, backends.select("layer_norm", device_type, *args))
+    args = LayerNormArgs(rows, None if residual is None else residual.reshape(-1, width), _flat(weight), _flat(bias),
+                         float(eps), store_sum)
+    y, summed, _, _ = run(_layer_norm_op.layer_norm, *args, backends.select("layer_norm", device_type, args))
     y = y.view_as(input)
     if not return_residual:
         return y

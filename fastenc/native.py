@@ -29,7 +29,13 @@ def bias_activation_backward(dy, a):
     return _ops.bias_activation_backward.default(dy, *a)
 
 
-layer_norm_forward = _ops.layer_norm_forward.default
-layer_norm_backward = _ops.layer_norm_backward.default
+def layer_norm_forward(a):
+    return _ops.layer_norm_forward.default(*a)
+
+
+def layer_norm_backward(b):
+    return _ops.layer_norm_backward.default(*b)
+
+
 lstm_layer_forward = _ops.lstm_layer_forward.default
 lstm_layer_backward = _ops.lstm_layer_backward.default

@@ -214,7 +214,8 @@ def _launch_shape(n: int, backward: bool, dtype: torch.dtype) -> tuple[int, int,
     return block, min(max(block // 256, 1), MAX_WARPS[direction]), split
 
 
-def layer_norm_forward(x, residual, weight, bias, eps, store_sum):
+def layer_norm_forward(a):
+    x, residual, weight, bias, eps, store_sum = a
     rows, n = x.shape
     x = _rows(x)
     stats = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -244,7 +245,8 @@ def _program_count(rows: int, device: torch.device) -> int:
     return min(rows, 4)
 
 
-def layer_norm_backward(dy, dsum, xs, weight, mean, rstd, has_bias):
+def layer_norm_backward(b):
+    dy, dsum, xs, weight, mean, rstd, has_bias = b
     rows, n = xs.shape
     dy, xs = _rows(dy), _rows(xs)
     dx = torch.empty((rows, n), dtype=xs.dtype, device=xs.device)

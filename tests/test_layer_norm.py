@@ -9,6 +9,7 @@ import torch.nn.functional as TF
 import fastenc
 from fastenc import backends
 from fastenc import functional as F
+from fastenc.ops.layer_norm import LayerNormArgs, LayerNormBackwardArgs
 from fastenc.reference import layer_norm as reference
 from tests.conftest import DEVICES, compare_with_oracle, outputs_and_grads, skip_unless_takes
 
@@ -87,7 +88,7 @@ def test_very_wide_row_keeps_its_accuracy(backend_device):
     """A normalized_shape of a million elements, off-centre: the row sums must not drift with the row's length."""
     name, device = backend_device
     x, r, w, b = _inputs((2, 1 << 20), torch.float32, device, seed=3)
-    skip_unless_takes("layer_norm", name, x, r, w, b)
+    skip_unless_takes("layer_norm", name, LayerNormArgs(x, r, w, b, 1e-5, False))
     _check(x * 1.5 + 20, r, w, b)
 
 
@@ -209,6 +210,7 @@ def test_reference_backward_is_autograd_of_reference_forward():
     y, mean, rstd = reference.normalize(x, w, None, 1e-5)
     dy = torch.randn_like(y)
     dx, dw = torch.autograd.grad(y, (x, w), dy)
-    got = reference.layer_norm_backward(dy, None, x.detach(), w.detach(), mean.detach(), rstd.detach(), False)
+    got = reference.layer_norm_backward(
+        LayerNormBackwardArgs(dy, None, x.detach(), w.detach(), mean.detach(), rstd.detach(), False))
     torch.testing.assert_close(got[0], dx)
     torch.testing.assert_close(got[1], dw)

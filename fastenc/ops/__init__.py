@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 
 _PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
-_SCHEMA_TYPES = {Tensor: "Tensor", Tensor | None: "Tensor?", int: "SymInt", float: "float", bool: "bool", str: "str"}
+_SCHEMA_TYPES = {Tensor: "Tensor", Tensor | None: "Tensor?", int: "SymInt", float: "float", bool: "bool", str: "str",
+                 list[bool]: "bool[]"}
 
 
 def forward_op(name: str) -> Callable:
@@ -21,25 +22,28 @@ def forward_op(name: str) -> Callable:
     return wrap
 
 
-def spec_op(name: str, args: type, returns: str, leading: tuple[str, ...] = ()) -> Callable:
-    """Decorator making `fn(*leading tensors, a, backend)` the torch.library custom op `name`, where `a` is the
-    op's argument record `args`: a NamedTuple, the one place the op's arguments are declared (functional builds
-    it once, every backend and `supports` function takes it). The schema is derived from the record's
-    annotations, so the dispatcher sees its fields as flat arguments, then the backend's name. The op keeps
-    `.body` (flat arguments, for `run`) and `.unflatten(flat) -> (leading, a, backend)` (for its fake kernel and
+def spec_op(name: str, *records: type, returns: str) -> Callable:
+    """Decorator making `fn(*records, backend)` the torch.library custom op `name`. Each record is a NamedTuple
+    of arguments: an op declares its arguments once, in one (its backward in one more, for what it adds), and
+    functional, every backend and every `supports` rule take that record. The schema is derived from the records'
+    annotations: the dispatcher sees their fields as flat arguments, then the backend's name. The op keeps
+    `.body` (flat arguments, for `run`) and `.unflatten(flat) -> (*records, backend)` (for its fake kernel and
     autograd context)."""
-    hints = typing.get_type_hints(args)
-    fields = [f"Tensor {t}" for t in leading] + [f"{_SCHEMA_TYPES[hints[f]]} {f}" for f in args._fields]
+    fields = []
+    for record in records:
+        hints = typing.get_type_hints(record)
+        fields += [f"{_SCHEMA_TYPES[hints[f]]} {f}" for f in record._fields]
     schema = f"({', '.join(fields)}, str backend) -> {returns}"
-    n = len(leading)
+    bounds = [0]
+    for record in records:
+        bounds.append(bounds[-1] + len(record._fields))
 
     def unflatten(flat):
-        return flat[:n], args._make(flat[n:-1]), flat[-1]
+        return (*(r._make(flat[a:b]) for r, a, b in zip(records, bounds, bounds[1:])), flat[-1])
 
     def wrap(fn):
         def body(*flat):
-            lead, a, backend = unflatten(flat)
-            return fn(*lead, a, backend)
+            return fn(*unflatten(flat))
         op = torch.library.custom_op(name, body, mutates_args=(), schema=schema)
         op.body, op.unflatten = body, unflatten
         return op

@@ -41,6 +41,13 @@ class AttentionArgs(NamedTuple):
     dropout_seed: Tensor | None
 
 
+class AttentionBackwardArgs(NamedTuple):
+    """What the backward takes besides the forward's arguments: the output's gradient and the forward's outputs."""
+    dout: Tensor
+    out: Tensor
+    lse: Tensor
+
+
 def _triton_supports(a: AttentionArgs) -> str | None:
     return "the triton attention supports float16, bfloat16 and float32" if a.q.dtype == torch.float64 else None
 
@@ -91,7 +98,7 @@ def attention(a: AttentionArgs, backend: str) -> tuple[Tensor, Tensor]:
 
 
 def _fake_forward(*flat):
-    _, a, _ = attention.unflatten(flat)
+    a, _ = attention.unflatten(flat)
     lse_shape = (a.q.shape[1], a.q.shape[0]) if a.cu_seqlens_q is not None else a.q.shape[:3]
     lse_dtype = torch.float64 if a.q.dtype == torch.float64 else torch.float32
     return a.q.new_empty(a.q.shape), a.q.new_empty(lse_shape, dtype=lse_dtype)
@@ -100,11 +107,9 @@ def _fake_forward(*flat):
 attention.register_fake(_fake_forward)
 
 
-@spec_op("fastenc::attention_backward", AttentionArgs, returns="(Tensor, Tensor, Tensor)",
-         leading=("dout", "out", "lse"))
-def attention_backward(dout: Tensor, out: Tensor, lse: Tensor, a: AttentionArgs,
-                       backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    return backends.implementation("attention", backend).attention_backward(dout, out, lse, a)
+@spec_op("fastenc::attention_backward", AttentionBackwardArgs, AttentionArgs, returns="(Tensor, Tensor, Tensor)")
+def attention_backward(g: AttentionBackwardArgs, a: AttentionArgs, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    return backends.implementation("attention", backend).attention_backward(*g, a)
 
 
 def _fake_backward(*flat):
@@ -116,7 +121,7 @@ attention_backward.register_fake(_fake_backward)
 
 
 def _setup_context(ctx, inputs, output):
-    _, a, ctx.backend = attention.unflatten(inputs)
+    a, ctx.backend = attention.unflatten(inputs)
     out, lse = output
     ctx.mark_non_differentiable(lse)
     save_args(ctx, a, out, lse)

@@ -56,12 +56,18 @@ def bias_activation(a: BiasActivationArgs, backend: str) -> Tensor:
     return backends.implementation("bias_activation", backend).bias_activation_forward(a)
 
 
-bias_activation.register_fake(lambda *flat: bias_activation.unflatten(flat)[1].x.new_empty(flat[0].shape))
+bias_activation.register_fake(lambda *flat: flat[0].new_empty(flat[0].shape))
 
 
-@spec_op("fastenc::bias_activation_backward", BiasActivationArgs, returns="(Tensor, Tensor)", leading=("dy",))
-def bias_activation_backward(dy: Tensor, a: BiasActivationArgs, backend: str) -> tuple[Tensor, Tensor]:
-    return backends.implementation("bias_activation", backend).bias_activation_backward(dy, a)
+class BiasActivationBackwardArgs(NamedTuple):
+    dy: Tensor
+
+
+@spec_op("fastenc::bias_activation_backward", BiasActivationBackwardArgs, BiasActivationArgs,
+         returns="(Tensor, Tensor)")
+def bias_activation_backward(g: BiasActivationBackwardArgs, a: BiasActivationArgs,
+                             backend: str) -> tuple[Tensor, Tensor]:
+    return backends.implementation("bias_activation", backend).bias_activation_backward(*g, a)
 
 
 def _fake_backward(*flat):
@@ -74,7 +80,7 @@ bias_activation_backward.register_fake(_fake_backward)
 
 
 def _setup_context(ctx, inputs, output):
-    _, a, ctx.backend = bias_activation.unflatten(inputs)
+    a, ctx.backend = bias_activation.unflatten(inputs)
     save_args(ctx, a)
 
 

@@ -1,34 +1,58 @@
 """fastenc::layer_norm: residual-add + LayerNorm as a torch.library custom op, one autograd for all backends.
 
 The ops take the backend's name (from backends.select, in functional); the backward runs the forward's.
-Contract every implementation follows (reference, kernels/layer_norm.py, fastenc.native):
-  layer_norm_forward(x, residual, weight, bias, eps, store_sum) -> (y, sum, mean, rstd)
-      x, residual: (M, N), the same dtype; weight, bias: (N,) or None, in x.dtype or (for half / bfloat16 x)
-      float32, as torch allows. y: (M, N) contiguous in x.dtype.
-      sum: x + residual (M, N) when store_sum and residual is given, else an empty tensor.
-      mean, rstd: (M,) float32 (float64 for float64 input), of the rounded sum.
-  layer_norm_backward(dy, dsum, xs, weight, mean, rstd, has_bias) -> (dx, dweight, dbias)
-      xs is what was normalised (the stored sum, or x); dsum, when given, is the gradient of the returned sum and
-      is added into dx (which is also the residual's gradient). dweight / dbias: (N,) in the statistics dtype
-      (the op rounds them to the parameters' dtypes), empty when not wanted.
+Contract every implementation follows (reference, kernels/layer_norm.py, fastenc.native), over the argument
+records LayerNormArgs and LayerNormBackwardArgs (below):
+  layer_norm_forward(a) -> (y, sum, mean, rstd)
+      y: (M, N) contiguous in x.dtype. sum: x + residual (M, N) when store_sum and residual is given, else an
+      empty tensor. mean, rstd: (M,) float32 (float64 for float64 input), of the rounded sum.
+  layer_norm_backward(b) -> (dx, dweight, dbias)
+      dx also the residual's gradient. dweight / dbias: (N,) in the statistics dtype (the op rounds them to the
+      parameters' dtypes), empty when not wanted.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from fastenc import backends
-from fastenc.ops import autograd_gradients, forward_op
+from fastenc.ops import autograd_gradients, spec_op
 from fastenc.reference.layer_norm import stat_dtype
+
+
+class LayerNormArgs(NamedTuple):
+    """x, residual: (M, N), the same dtype; weight, bias: (N,) or None, in x.dtype or (for half / bfloat16 x)
+    float32, as torch allows. store_sum: return x + residual (what a pre-norm block carries on, and what the
+    backward normalises again)."""
+    x: Tensor
+    residual: Tensor | None
+    weight: Tensor | None
+    bias: Tensor | None
+    eps: float
+    store_sum: bool
+
+
+class LayerNormBackwardArgs(NamedTuple):
+    """xs: what was normalised (the stored sum, or x); dsum, when given, the gradient of the returned sum, added
+    into dx; mean, rstd: the forward's; has_bias: whether dbias is wanted."""
+    dy: Tensor
+    dsum: Tensor | None
+    xs: Tensor
+    weight: Tensor | None
+    mean: Tensor
+    rstd: Tensor
+    has_bias: bool
 
 # The Triton kernels hold a whole row on chip.
 TRITON_MAX_N = 65536
 
 
-def _triton_supports(x, *_) -> str | None:
-    if x.shape[1] > TRITON_MAX_N:
-        return f"the triton layer_norm holds a row on chip and supports N <= {TRITON_MAX_N}, got N={x.shape[1]}"
+def _triton_supports(a: LayerNormArgs) -> str | None:
+    if a.x.shape[1] > TRITON_MAX_N:
+        return f"the triton layer_norm holds a row on chip and supports N <= {TRITON_MAX_N}, got N={a.x.shape[1]}"
     return None
 
 
@@ -40,42 +64,40 @@ backends.register(
 )
 
 
-@forward_op("fastenc::layer_norm")
-def layer_norm(
-    x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, eps: float, store_sum: bool,
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    impl = backends.implementation("layer_norm", backend)
-    return impl.layer_norm_forward(x, residual, weight, bias, eps, store_sum)
+@spec_op("fastenc::layer_norm", LayerNormArgs, returns="(Tensor, Tensor, Tensor, Tensor)")
+def layer_norm(a: LayerNormArgs, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return backends.implementation("layer_norm", backend).layer_norm_forward(a)
 
 
-@layer_norm.register_fake
-def _(x, residual, weight, bias, eps, store_sum, backend):
-    rows = x.shape[0]
-    summed = x.new_empty(x.shape) if store_sum and residual is not None else x.new_empty(0)
-    stats = stat_dtype(x.dtype)
-    return x.new_empty(x.shape), summed, x.new_empty(rows, dtype=stats), x.new_empty(rows, dtype=stats)
+def _fake_forward(*flat):
+    a, _ = layer_norm.unflatten(flat)
+    rows = a.x.shape[0]
+    summed = a.x.new_empty(a.x.shape) if a.store_sum and a.residual is not None else a.x.new_empty(0)
+    stats = stat_dtype(a.x.dtype)
+    return a.x.new_empty(a.x.shape), summed, a.x.new_empty(rows, dtype=stats), a.x.new_empty(rows, dtype=stats)
 
 
-@torch.library.custom_op("fastenc::layer_norm_backward", mutates_args=())
-def layer_norm_backward(
-    dy: Tensor, dsum: Tensor | None, xs: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor, has_bias: bool,
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    impl = backends.implementation("layer_norm", backend)
-    return impl.layer_norm_backward(dy, dsum, xs, weight, mean, rstd, has_bias)
+layer_norm.register_fake(_fake_forward)
 
 
-@layer_norm_backward.register_fake
-def _(dy, dsum, xs, weight, mean, rstd, has_bias, backend):
-    width = xs.shape[1]
-    dweight = mean.new_empty(width if weight is not None else 0)
-    dbias = mean.new_empty(width if has_bias else 0)
-    return xs.new_empty(xs.shape), dweight, dbias
+@spec_op("fastenc::layer_norm_backward", LayerNormBackwardArgs, returns="(Tensor, Tensor, Tensor)")
+def layer_norm_backward(b: LayerNormBackwardArgs, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    return backends.implementation("layer_norm", backend).layer_norm_backward(b)
+
+
+def _fake_backward(*flat):
+    b, _ = layer_norm_backward.unflatten(flat)
+    width = b.xs.shape[1]
+    dweight = b.mean.new_empty(width if b.weight is not None else 0)
+    dbias = b.mean.new_empty(width if b.has_bias else 0)
+    return b.xs.new_empty(b.xs.shape), dweight, dbias
+
+
+layer_norm_backward.register_fake(_fake_backward)
 
 
 def _setup_context(ctx, inputs, output):
-    x, residual, weight, bias, _, store_sum, ctx.backend = inputs
+    (x, residual, weight, bias, _, store_sum), ctx.backend = layer_norm.unflatten(inputs)
     _, summed, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
     # An unused output's gradient stays None: materialised, the stored sum's would be a full (M, N) tensor of
@@ -114,7 +136,7 @@ layer_norm.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _setup_backward_context(ctx, inputs, output):
-    dy, dsum, xs, weight, _, rstd, ctx.has_bias, _ = inputs
+    (dy, dsum, xs, weight, _, rstd, ctx.has_bias), _ = layer_norm_backward.unflatten(inputs)
     ctx.save_for_backward(dy, dsum, xs, weight, rstd)
 
 
@@ -130,8 +152,8 @@ def _double_backward(ctx, ddx, ddweight, ddbias):
         xf = leaves[2].to(rstd.dtype)
         var = xf.var(dim=-1, unbiased=False)
         eps = (rstd.double().reciprocal().square() - var.detach().double()).to(rstd.dtype)
-        outputs = reference.layer_norm_backward(leaves[0], leaves[1], leaves[2], leaves[3], xf.mean(dim=-1),
-                                                torch.rsqrt(var + eps), ctx.has_bias)
+        outputs = reference.layer_norm_backward(LayerNormBackwardArgs(*leaves, xf.mean(dim=-1),
+                                                                      torch.rsqrt(var + eps), ctx.has_bias))
         # The leaves are detached copies: a graph of these gradients would not reach the real inputs.
         grads = autograd_gradients(outputs, (ddx, ddweight, ddbias), leaves, [t is not None for t in leaves],
                                    create_graph=False)

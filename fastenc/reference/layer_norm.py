@@ -1,6 +1,7 @@
 """Residual-add + LayerNorm in plain PyTorch: the oracle every backend is tested against, and the fallback.
 
-Shapes follow the op contract (fastenc/ops/layer_norm.py): x and residual are (M, N), weight and bias (N,).
+Arguments and shapes follow the op contract (fastenc/ops/layer_norm.py): x and residual are (M, N), weight and
+bias (N,).
 Statistics are computed in the op-math dtype (float64 for float64 inputs, float32 otherwise).
 """
 
@@ -29,19 +30,16 @@ def normalize(xs: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
     return y.to(xs.dtype), mean, rstd
 
 
-def layer_norm_forward(
-    x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, eps: float, store_sum: bool
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def layer_norm_forward(a) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     # The sum is rounded to x.dtype first, as `x + residual` in torch would be, and normalised from that.
-    xs = x if residual is None else x + residual
-    y, mean, rstd = normalize(xs, weight, bias, eps)
-    summed = xs.contiguous() if store_sum and residual is not None else x.new_empty(0)
+    xs = a.x if a.residual is None else a.x + a.residual
+    y, mean, rstd = normalize(xs, a.weight, a.bias, a.eps)
+    summed = xs.contiguous() if a.store_sum and a.residual is not None else a.x.new_empty(0)
     return y.contiguous(), summed, mean, rstd
 
 
-def layer_norm_backward(
-    dy: Tensor, dsum: Tensor | None, xs: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor, has_bias: bool
-) -> tuple[Tensor, Tensor, Tensor]:
+def layer_norm_backward(b) -> tuple[Tensor, Tensor, Tensor]:
+    dy, dsum, xs, weight, mean, rstd, has_bias = b
     acc = mean.dtype
     rstd_col = rstd.unsqueeze(-1)
     xhat = (xs.to(acc) - mean.unsqueeze(-1)) * rstd_col

@@ -17,16 +17,17 @@ def _params(x, weight, bias):
     return tuple(None if p is None else p.to(dtype) for p in (weight, bias)), dtype
 
 
-def layer_norm_forward(x, residual, weight, bias, eps, store_sum):
-    xs = x if residual is None else x + residual
-    (weight, bias), _ = _params(xs, weight, bias)
-    y, mean, rstd = torch.ops.aten.native_layer_norm(xs, [xs.shape[1]], weight, bias, eps)
-    summed = xs if store_sum and residual is not None else x.new_empty(0)
-    stats = stat_dtype(x.dtype)
+def layer_norm_forward(a):
+    xs = a.x if a.residual is None else a.x + a.residual
+    (weight, bias), _ = _params(xs, a.weight, a.bias)
+    y, mean, rstd = torch.ops.aten.native_layer_norm(xs, [xs.shape[1]], weight, bias, a.eps)
+    summed = xs if a.store_sum and a.residual is not None else a.x.new_empty(0)
+    stats = stat_dtype(a.x.dtype)
     return y, summed, mean.view(-1).to(stats), rstd.view(-1).to(stats)
 
 
-def layer_norm_backward(dy, dsum, xs, weight, mean, rstd, has_bias):
+def layer_norm_backward(b):
+    dy, dsum, xs, weight, mean, rstd, has_bias = b
     (weight, _), dtype = _params(xs, weight, None)
     stats = torch.float32 if dtype == torch.float32 and xs.dtype in _REDUCED else xs.dtype
     # torch's kernel reads the bias only for its shape and dtype.
