@@ -245,6 +245,7 @@ def lstm_case(dtype: str, batch: int, hiddens: tuple[int, ...], projected: bool,
     """One layer forward and backward at each hidden size, 3 steps of a full batch, in one form (a caller may force
     either); projected: with a projection to half the hidden size."""
     from fastenc.kernels import lstm
+    from fastenc.ops.lstm import LstmArgs, LstmBackwardArgs
 
     def call():
         empty = _meta(dtype)
@@ -253,10 +254,10 @@ def lstm_case(dtype: str, batch: int, hiddens: tuple[int, ...], projected: bool,
             x, h0, c0 = empty(3, batch, hidden), empty(batch, proj), empty(batch, hidden)
             w_ih, w_hh, bias = empty(4 * hidden, hidden), empty(4 * hidden, proj), empty(4 * hidden)
             w_hr = empty(proj, hidden) if projected else None
-            out, h_n, c_n, gates, cs, rs = lstm.lstm_layer_forward(x, h0, c0, w_ih, w_hh, bias, w_hr, None, False,
-                                                                   True, persistent=persistent)
-            lstm.lstm_layer_backward(empty(*out.shape), h_n, c_n, x, h0, c0, w_ih, w_hh, w_hr, None, False, out,
-                                     gates, cs, rs, [True] * 7, persistent=persistent)
+            args = LstmArgs(x, h0, c0, w_ih, w_hh, bias, w_hr, None, False, True)
+            out, h_n, c_n, gates, cs, rs = lstm.lstm_layer_forward(args, persistent=persistent)
+            lstm.lstm_layer_backward(LstmBackwardArgs(empty(*out.shape), h_n, c_n, out, gates, cs, rs, [True] * 7),
+                                     args, persistent=persistent)
     flags = ("persistent" if persistent else "per step") + (", projection" if projected else "")
     hidden = str(hiddens[0]) if len(hiddens) == 1 else f"{min(hiddens)}-{max(hiddens)}"
     return Case("lstm", dtype, f"batch {batch}, hidden {hidden}", flags, call)

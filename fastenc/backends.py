@@ -11,8 +11,8 @@ Backends:
                tensors, C++ kernels on CPU tensors.
 
 Each op file registers, per backend, the module that implements it and, as data, which inputs that backend
-takes (`register(op, {backend: module_name}, supports={backend: fn})`, where fn(*the op's inputs) returns None or
-the reason it cannot take them), and where a backend takes some inputs but runs them slower than the next one
+takes (`register(op, {backend: module_name}, supports={backend: fn})`, where fn(the op's argument record, the
+NamedTuple its op file declares) returns None or the reason it cannot take them), and where a backend takes some inputs but runs them slower than the next one
 of AUTO_ORDER, which "auto" passes over (`slower={backend: fn}`, the same kind of function; bench/results/ holds
 the measurements). Every such module defines the same functions, `<op>_forward` and `<op>_backward` (the LSTM's
 torch backend is the exception: torch's LSTM op with its own autograd, fastenc/torch_ops/lstm.py), and is
@@ -198,8 +198,8 @@ def slower_reason(op: str, backend: str, *inputs) -> str | None:
 
 
 def select(op: str, device_type: str, *inputs) -> str:
-    """The backend that runs `op` on `inputs` (the op's arguments before the backend name, on `device_type`
-    tensors) under the current choice.
+    """The backend that runs `op` on `inputs` (what its supports / slower functions take: the op's argument
+    record, on `device_type` tensors) under the current choice.
 
     "auto" takes the first backend of AUTO_ORDER that can run here, implements the op, supports the inputs and is
     not registered as slower on them than the backends after it. A

@@ -17,6 +17,7 @@ from fastenc.ops import records_grad, run
 from fastenc.ops.attention import AttentionArgs
 from fastenc.ops.bias_activation import BiasActivationArgs
 from fastenc.ops.layer_norm import AUTOCAST_FLOAT32_DEVICES, LayerNormArgs
+from fastenc.ops.lstm import LstmArgs
 
 __all__ = ["attention", "attention_varlen", "bias_activation", "layer_norm", "lstm_layer"]
 
@@ -323,9 +324,9 @@ def lstm_layer(
     bias = bias_ih if bias_hh is None else (bias_hh if bias_ih is None else bias_ih + bias_hh)
     # What the backward needs is stored only when a backward can run.
     save = records_grad(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr)
-    args = (input, h0, c0, weight_ih, weight_hh, bias, weight_hr, batch_sizes, bool(reverse), save)
-    backend = backends.select("lstm", input.device.type, *args)
+    args = LstmArgs(input, h0, c0, weight_ih, weight_hh, bias, weight_hr, batch_sizes, bool(reverse), save)
+    backend = backends.select("lstm", input.device.type, args)
     if backend == "torch":
-        return backends.implementation("lstm", backend).lstm_layer(*args[:-1])
+        return backends.implementation("lstm", backend).lstm_layer(args)
     out, h_n, c_n, *_ = run(_lstm_op.lstm_layer, *args, backend)
     return out, h_n, c_n

@@ -12,7 +12,6 @@ import fastenc._C  # noqa: F401  (registers the fastenc_native ops)
 _ops = torch.ops.fastenc_native
 
 
-
 def attention_forward(a):
     return _ops.attention_forward.default(*a)
 
@@ -37,5 +36,11 @@ def layer_norm_backward(b):
     return _ops.layer_norm_backward.default(*b)
 
 
-lstm_layer_forward = _ops.lstm_layer_forward.default
-lstm_layer_backward = _ops.lstm_layer_backward.default
+def lstm_layer_forward(a):
+    return _ops.lstm_layer_forward.default(*a)
+
+
+def lstm_layer_backward(g, a):
+    x, h0, c0, w_ih, w_hh, _, w_hr, batch_sizes, reverse, _ = a
+    return _ops.lstm_layer_backward.default(g.d_out, g.d_hn, g.d_cn, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes,
+                                            reverse, g.out, g.gates, g.cs, g.rs, g.output_mask)

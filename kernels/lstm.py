@@ -296,9 +296,10 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def lstm_layer_forward(x, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse, save, persistent=None):
+def lstm_layer_forward(a, persistent=None):
     """The contract's forward; persistent: the one-launch kernel (True), a launch per step (False), or the
     default for the shape (None)."""
+    x, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse, _ = a
     # save=False still stores every step (the op drops the saved tensors).
     gates_x = torch.nn.functional.linear(x, w_ih, bias)  # every step's input projection, one GEMM
     hidden, proj, batch = c0.shape[1], h0.shape[1], h0.shape[0]
@@ -349,9 +350,10 @@ def lstm_layer_forward(x, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse, 
             rs.reshape(*lead, hidden) if w_hr is not None else rs)
 
 
-def lstm_layer_backward(d_out, d_hn, d_cn, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, reverse, out, gates, cs, rs,
-                        output_mask, persistent=None):
+def lstm_layer_backward(g, a, persistent=None):
     """The contract's backward; persistent as in lstm_layer_forward."""
+    d_out, d_hn, d_cn, out, gates, cs, rs, output_mask = g
+    x, h0, c0, w_ih, w_hh, _, w_hr, batch_sizes, reverse, _ = a
     hidden, proj, batch = c0.shape[1], h0.shape[1], h0.shape[0]
     lead = gates.shape[:-1]
     gates, cs = gates.reshape(-1, 4 * hidden).contiguous(), cs.reshape(-1, hidden).contiguous()

@@ -306,14 +306,14 @@ def test_reference_backward_is_autograds(reverse, proj, packed):
     inputs = [x, rnd(BATCH, p), rnd(BATCH, HIDDEN), rnd(4 * HIDDEN, INPUT) * 0.5, rnd(4 * HIDDEN, p) * 0.5,
               rnd(4 * HIDDEN), rnd(p, HIDDEN) if proj else None]
     leaves = [t if t is None else t.requires_grad_() for t in inputs]
-    outs = reference.lstm_layer_forward(*leaves, batch_sizes, reverse, True)
+    outs = reference.lstm_layer_forward(lstm_op.LstmArgs(*leaves, batch_sizes, reverse, True))
     grads_out = [rnd(*t.shape) for t in outs[:3]]
     wanted = [t for t in leaves if t is not None]
     expected = torch.autograd.grad(outs[:3], wanted, grads_out)
-    x, h0, c0, w_ih, w_hh, _, w_hr = [t if t is None else t.detach() for t in leaves]
+    detached = [t if t is None else t.detach() for t in leaves]
     saved = [t.detach() for t in outs]
-    got = reference.lstm_layer_backward(*grads_out, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, reverse, saved[0],
-                                        *saved[3:], [True] * 7)
+    got = reference.lstm_layer_backward(lstm_op.LstmBackwardArgs(*grads_out, saved[0], *saved[3:], [True] * 7),
+                                        lstm_op.LstmArgs(*detached, batch_sizes, reverse, True))
     for name, a, e in zip(["dx", "dh0", "dc0", "dw_ih", "dw_hh", "d_bias", "dw_hr"], got, expected):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
 
@@ -373,10 +373,11 @@ def test_triton_forms(lstm_backend, persistent, batch, hidden, proj, packed, rev
 
     def run(impl, dtype, **form):
         args = [t if t is None else t.to(device, dtype) for t in inputs]
-        outs = impl.lstm_layer_forward(*args, batch_sizes, reverse, True, **form)
+        a = lstm_op.LstmArgs(*args, batch_sizes, reverse, True)
+        outs = impl.lstm_layer_forward(a, **form)
         grads_out = [torch.randn(t.shape, generator=torch.Generator().manual_seed(10)).to(t) for t in outs[:3]]
-        grads = impl.lstm_layer_backward(*grads_out, *args[:5], args[6], batch_sizes, reverse, outs[0], *outs[3:],
-                                         [True] * 7, **form)
+        grads = impl.lstm_layer_backward(lstm_op.LstmBackwardArgs(*grads_out, outs[0], *outs[3:], [True] * 7), a,
+                                         **form)
         return [t for t in (*outs[:3], *grads) if t.numel()]
 
     names = ["out", "h_n", "c_n", "dx", "dh0", "dc0", "dw_ih", "dw_hh", "d_bias"] + (["dw_hr"] if proj else [])
@@ -421,14 +422,12 @@ def test_backward_computes_only_the_gradients_asked_for(lstm_op_backend, proj, p
     """output_mask: a gradient asked for is the one the full backward gives; one not asked for comes back empty."""
     name, device = lstm_op_backend
     args = _op_args(device, proj, packed, reverse, True, name)
-    x, h0, c0, w_ih, w_hh, _, w_hr, batch_sizes = args[:8]
     out, h_n, c_n, *saved = torch.ops.fastenc.lstm_layer(*args)
     g = torch.Generator().manual_seed(11)
     grads_out = [torch.randn(t.shape, generator=g).to(t) for t in (out, h_n, c_n)]
-    common = (*grads_out, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, reverse, out, *saved)
-    full = torch.ops.fastenc.lstm_layer_backward(*common, [True] * 7, name)
+    full = torch.ops.fastenc.lstm_layer_backward(*grads_out, out, *saved, [True] * 7, *args)
     for mask in ([False, True, True, False, True, False, True], [True, False, False, True, False, True, False]):
-        part = torch.ops.fastenc.lstm_layer_backward(*common, mask, name)
+        part = torch.ops.fastenc.lstm_layer_backward(*grads_out, out, *saved, mask, *args)
         for grad_name, got, expected, wanted in zip(GRADIENT_NAMES, part, full, mask):
             if wanted:
                 torch.testing.assert_close(got, expected, msg=lambda m: f"{grad_name} under {mask}: {m}")
@@ -458,7 +457,8 @@ def test_frozen_weights_and_an_input_without_gradient(lstm_op_backend, monkeypat
     asked = []
     backward_op = lstm_op.lstm_layer_backward
     monkeypatch.setattr(lstm_op, "lstm_layer_backward",
-                        lambda *args: asked.append(list(args[-2])) or backward_op(*args))
+                        lambda *args: asked.append(list(backward_op.unflatten(args)[0].output_mask))
+                        or backward_op(*args))
 
     def outputs_and_grads(module, x):
         out, (h_n, c_n) = module(x)

@@ -13,15 +13,6 @@ _SCHEMA_TYPES = {Tensor: "Tensor", Tensor | None: "Tensor?", int: "SymInt", floa
                  list[bool]: "bool[]"}
 
 
-def forward_op(name: str) -> Callable:
-    """torch.library.custom_op(name) for an op's forward, keeping its Python body as `.body` for `run`."""
-    def wrap(fn):
-        op = torch.library.custom_op(name, mutates_args=())(fn)
-        op.body = fn
-        return op
-    return wrap
-
-
 def spec_op(name: str, *records: type, returns: str) -> Callable:
     """Decorator making `fn(*records, backend)` the torch.library custom op `name`. Each record is a NamedTuple
     of arguments: an op declares its arguments once, in one (its backward in one more, for what it adds), and

@@ -6,9 +6,10 @@ projection's gradients (dx, dW_ih, d bias) with the GEMMs it runs fastest (the n
 which torch's own matmul does not use for float32).
 Gate order i, f, g, o (torch's). P = proj_size if W_hr is given, else H.
 
-Contract every implementation follows (reference, kernels/lstm.py, fastenc.native from csrc/lstm.cpp):
-  lstm_layer_forward(x, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse, save)
-      -> (out, h_n, c_n, gates, cs, rs)
+Contract every implementation follows (reference, kernels/lstm.py, fastenc.native from csrc/lstm.cpp), over the
+argument records LstmArgs (x, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse, save) and LstmBackwardArgs
+(d_out, d_hn, d_cn, out, gates, cs, rs, output_mask), below:
+  lstm_layer_forward(a) -> (out, h_n, c_n, gates, cs, rs)
       x: (T, B, I) with batch_sizes None, or (N, I) packed as PackedSequence.data with batch_sizes (T,) int64 on
       the CPU (non-increasing, batch_sizes[0] = B, sum N): at step t only the first batch_sizes[t] rows are active,
       the others keep their state. Step t's rows are the flat rows offset_t .. offset_t + n_t either way.
@@ -23,8 +24,7 @@ Contract every implementation follows (reference, kernels/lstm.py, fastenc.nativ
       A step reads h_{t-1} from the stored out (in its dtype) and c_{t-1} from cs.
       save=False (no backward will run: inference): gates, cs and rs are not wanted. An implementation may skip
       storing them (the native one keeps one step's worth); the op returns them empty either way.
-  lstm_layer_backward(d_out, d_hn, d_cn, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, reverse, out, gates, cs, rs,
-                      output_mask) -> (dx, dh0, dc0, dw_ih, dw_hh, d_bias, dw_hr)
+  lstm_layer_backward(g, a) -> (dx, dh0, dc0, dw_ih, dw_hh, d_bias, dw_hr)
       dx like x; dh0 / dc0 in h0's / c0's dtype; dw_ih (4H, I), dw_hh (4H, P), d_bias (4H,) and dw_hr (P, H, or
       empty without w_hr) in the saved dtype (the op rounds them to the parameters' dtype). With d_gates the
       gradients of the preactivations (every step's rows): dx = d_gates @ W_ih, dw_ih = d_gates^T @ x,
@@ -42,24 +42,51 @@ inside one launch) run under the same contract.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
 from fastenc import backends
-from fastenc.ops import autograd_gradients, forward_op
+from fastenc.ops import autograd_gradients, save_args, saved_args, spec_op
 
 
-def _triton_supports(x, *_) -> str | None:
-    return "the triton lstm supports float16, bfloat16 and float32" if x.dtype == torch.float64 else None
+class LstmArgs(NamedTuple):
+    x: Tensor
+    h0: Tensor
+    c0: Tensor
+    w_ih: Tensor
+    w_hh: Tensor
+    bias: Tensor | None
+    w_hr: Tensor | None
+    batch_sizes: Tensor | None
+    reverse: bool
+    save: bool
+
+
+class LstmBackwardArgs(NamedTuple):
+    """The gradients of the forward's three outputs, what it saved, and which of the 7 gradients are wanted."""
+    d_out: Tensor
+    d_hn: Tensor
+    d_cn: Tensor
+    out: Tensor
+    gates: Tensor
+    cs: Tensor
+    rs: Tensor
+    output_mask: list[bool]
+
+
+def _triton_supports(a: LstmArgs) -> str | None:
+    return "the triton lstm supports float16, bfloat16 and float32" if a.x.dtype == torch.float64 else None
 
 
 _FUSED_CPU_STEP = backends.native_cpu_feature("lstm_fused_step_cpu_available")  # x86 with AVX-512
 
 
-def _native_slower(x, *_) -> str | None:
+def _native_slower(a: LstmArgs) -> str | None:
     """In float32 on a CPU, the native LSTM is ahead of torch's oneDNN LSTM with its fused step only; without it,
     a GEMM and a cell kernel per step, which torch's LSTM outruns (bench/results)."""
-    if x.device.type == "cpu" and x.dtype == torch.float32 and not _FUSED_CPU_STEP:
+    if a.x.device.type == "cpu" and a.x.dtype == torch.float32 and not _FUSED_CPU_STEP:
         return "without AVX-512 the native float32 LSTM has no fused step, and torch's oneDNN LSTM is faster"
     return None
 
@@ -76,74 +103,69 @@ def _saved_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-@forward_op("fastenc::lstm_layer")
-def lstm_layer(
-    x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Tensor | None, w_hr: Tensor | None,
-    batch_sizes: Tensor | None, reverse: bool, save: bool, backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    impl = backends.implementation("lstm", backend)
-    out, h_n, c_n, *saved = impl.lstm_layer_forward(x, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse, save)
-    if not save:
+@spec_op("fastenc::lstm_layer", LstmArgs, returns="(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+def lstm_layer(a: LstmArgs, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    out, h_n, c_n, *saved = backends.implementation("lstm", backend).lstm_layer_forward(a)
+    if not a.save:
         saved = [t.new_empty(0) for t in saved]
     return out, h_n, c_n, *saved
 
 
-@lstm_layer.register_fake
-def _(x, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse, save, backend):
-    lead, hidden = x.shape[:-1], c0.shape[1]
-    saved = _saved_dtype(x.dtype)
-    shapes = ((*lead, 4 * hidden), (*lead, hidden), (*lead, hidden) if w_hr is not None else (0,))
-    return (x.new_empty((*lead, h0.shape[1])), h0.new_empty(h0.shape), c0.new_empty(c0.shape),
-            *(x.new_empty(shape if save else (0,), dtype=saved) for shape in shapes))
+def _fake_forward(*flat):
+    a, _ = lstm_layer.unflatten(flat)
+    lead, hidden = a.x.shape[:-1], a.c0.shape[1]
+    saved = _saved_dtype(a.x.dtype)
+    shapes = ((*lead, 4 * hidden), (*lead, hidden), (*lead, hidden) if a.w_hr is not None else (0,))
+    return (a.x.new_empty((*lead, a.h0.shape[1])), a.h0.new_empty(a.h0.shape), a.c0.new_empty(a.c0.shape),
+            *(a.x.new_empty(shape if a.save else (0,), dtype=saved) for shape in shapes))
 
 
-@torch.library.custom_op("fastenc::lstm_layer_backward", mutates_args=())
-def lstm_layer_backward(
-    d_out: Tensor, d_hn: Tensor, d_cn: Tensor, x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
-    w_hr: Tensor | None, batch_sizes: Tensor | None, reverse: bool, out: Tensor, gates: Tensor, cs: Tensor,
-    rs: Tensor, output_mask: list[bool], backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    impl = backends.implementation("lstm", backend)
-    return impl.lstm_layer_backward(d_out, d_hn, d_cn, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, reverse, out,
-                                    gates, cs, rs, output_mask)
+lstm_layer.register_fake(_fake_forward)
 
 
-@lstm_layer_backward.register_fake
-def _(d_out, d_hn, d_cn, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, reverse, out, gates, cs, rs, output_mask,
-      backend):
-    shapes = (x.shape, h0.shape, c0.shape, w_ih.shape, w_hh.shape, w_ih.shape[:1], (0,) if w_hr is None else w_hr.shape)
-    like = (x, h0, c0, gates, gates, gates, gates)
-    return tuple(t.new_empty(shape if wanted else (0,)) for t, shape, wanted in zip(like, shapes, output_mask))
+@spec_op("fastenc::lstm_layer_backward", LstmBackwardArgs, LstmArgs,
+         returns="(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+def lstm_layer_backward(g: LstmBackwardArgs, a: LstmArgs, backend: str) -> tuple[Tensor, ...]:
+    return backends.implementation("lstm", backend).lstm_layer_backward(g, a)
+
+
+def _fake_backward(*flat):
+    g, a, _ = lstm_layer_backward.unflatten(flat)
+    shapes = (a.x.shape, a.h0.shape, a.c0.shape, a.w_ih.shape, a.w_hh.shape, a.w_ih.shape[:1],
+              (0,) if a.w_hr is None else a.w_hr.shape)
+    like = (a.x, a.h0, a.c0, g.gates, g.gates, g.gates, g.gates)
+    return tuple(t.new_empty(shape if wanted else (0,)) for t, shape, wanted in zip(like, shapes, g.output_mask))
+
+
+lstm_layer_backward.register_fake(_fake_backward)
 
 
 def _setup_context(ctx, inputs, output):
-    x, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, ctx.reverse, ctx.save, ctx.backend = inputs
+    a, ctx.backend = lstm_layer.unflatten(inputs)
     out, _, _, gates, cs, rs = output
     ctx.mark_non_differentiable(gates, cs, rs)
     ctx.set_materialize_grads(False)  # else each backward gets a zero-filled (T, B, 4H) gradient for `gates`
-    ctx.save_for_backward(x, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, out, gates, cs, rs)
+    save_args(ctx, a, out, gates, cs, rs)
 
 
 def _backward(ctx, d_out, d_hn, d_cn, *_saved_grads):
-    if not ctx.save:
+    (out, gates, cs, rs), a = saved_args(ctx)
+    if not a.save:
         raise RuntimeError("fastenc::lstm_layer ran with save=False, so it has no backward; pass save=True")
-    x, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, out, gates, cs, rs = ctx.saved_tensors
+    unused = [None] * (len(a) - 7 + 1)  # batch_sizes, the flags and the backend's name take no gradient
     if torch.is_grad_enabled():  # create_graph=True: the gradients are differentiated again
         from fastenc.reference import lstm as reference
 
-        inputs = (x, h0, c0, w_ih, w_hh, bias, w_hr)
-        outputs = reference.lstm_layer_forward(*inputs, batch_sizes, ctx.reverse, True)[:3]
-        return (*autograd_gradients(outputs, (d_out, d_hn, d_cn), inputs, ctx.needs_input_grad),
-                None, None, None, None)
+        outputs = reference.lstm_layer_forward(a)[:3]
+        return *autograd_gradients(outputs, (d_out, d_hn, d_cn), a[:7], ctx.needs_input_grad), *unused
     d_out = torch.zeros_like(out) if d_out is None else d_out
-    d_hn = torch.zeros_like(h0) if d_hn is None else d_hn
-    d_cn = torch.zeros_like(c0) if d_cn is None else d_cn
+    d_hn = torch.zeros_like(a.h0) if d_hn is None else d_hn
+    d_cn = torch.zeros_like(a.c0) if d_cn is None else d_cn
     wanted = list(ctx.needs_input_grad[:7])
-    grads = lstm_layer_backward(d_out, d_hn, d_cn, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, ctx.reverse, out,
-                                gates, cs, rs, wanted, ctx.backend)
+    grads = lstm_layer_backward(d_out, d_hn, d_cn, out, gates, cs, rs, wanted, *a, ctx.backend)
     # d_bias takes w_ih's dtype: the op's bias is the sum of torch's two bias vectors, in the weights' dtype.
-    like = (x, h0, c0, w_ih, w_hh, w_ih, w_hr)
-    return (*(g.to(t.dtype) if want else None for g, t, want in zip(grads, like, wanted)), None, None, None, None)
+    like = (a.x, a.h0, a.c0, a.w_ih, a.w_hh, a.w_ih, a.w_hr)
+    return *(g.to(t.dtype) if want else None for g, t, want in zip(grads, like, wanted)), *unused
 
 
 lstm_layer.register_autograd(_backward, setup_context=_setup_context)

@@ -25,8 +25,9 @@ def _previous(states: Tensor, initial: Tensor, off_prev: int, n_prev: int, n: in
     return torch.cat([states[off_prev:off_prev + k], initial[k:n]])
 
 
-def lstm_layer_forward(x, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse, save):
+def lstm_layer_forward(a):
     # the saved tensors are computed anyway (save is for implementations that can skip them).
+    x, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse, _ = a
     acc = _acc_dtype(x.dtype)
     hidden, proj = c0.shape[1], h0.shape[1]
     lead = x.shape[:-1]
@@ -59,8 +60,9 @@ def lstm_layer_forward(x, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse, 
             rs.reshape(*lead, hidden) if w_hr is not None else rs)
 
 
-def lstm_layer_backward(d_out, d_hn, d_cn, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, reverse, out, gates, cs, rs,
-                        output_mask):
+def lstm_layer_backward(g, a):
+    d_out, d_hn, d_cn, out, gates, cs, rs, output_mask = g
+    x, h0, c0, w_ih, w_hh, _, w_hr, batch_sizes, reverse, _ = a
     acc = gates.dtype
     hidden, proj = c0.shape[1], h0.shape[1]
     lead = gates.shape[:-1]

@@ -24,9 +24,10 @@ def _reversed_rows(batch_sizes: Tensor, device: torch.device) -> Tensor:
     return source[active].to(device)
 
 
-def lstm_layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Tensor | None,
-               w_hr: Tensor | None, batch_sizes: Tensor | None, reverse: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(out, h_n, c_n) of one layer in one direction, with the arguments of fastenc::lstm_layer."""
+def lstm_layer(a) -> tuple[Tensor, Tensor, Tensor]:
+    """(out, h_n, c_n) of one layer in one direction, from the arguments of fastenc::lstm_layer (its `save` is
+    autograd's business here)."""
+    x, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse, _ = a
     params = [w_ih, w_hh] + ([] if bias is None else [bias, torch.zeros_like(bias)]) + ([] if w_hr is None else [w_hr])
     hx = (h0.unsqueeze(0), c0.unsqueeze(0))
     flags = (bias is not None, 1, 0.0, torch.is_grad_enabled(), False)  # biases, layers, dropout, train, bidirectional
