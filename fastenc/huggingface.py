@@ -11,7 +11,8 @@ Two changes, each keeping the model's weights and state_dict:
   the fused kernel rather than by a dense bias;
 - the BERT block's sub-layers, in every family whose code is BERT's own: SelfOutput / Output (dense -> dropout ->
   residual add + LayerNorm) get the add fused into the LayerNorm, Intermediate (dense -> GELU / ReLU) the bias and
-  activation fused after the matrix product; with padding_free, the encoder runs on packed tokens.
+  activation fused after the matrix product; DistilBERT's block the same three fusions; with padding_free, the
+  encoder (BERT's or DistilBERT's) runs on packed tokens.
 MPNet's own attention code (a relative position bias per head) is fused too, the bias given to fastenc's
 attention as an additive mask. A model whose attention is other code of its own (DeBERTa's disentangled
 attention) keeps it, with a warning that names it.
@@ -30,6 +31,7 @@ from transformers import activations
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 from transformers.modeling_utils import AttentionInterface, PreTrainedModel
 from transformers.models.bert import modeling_bert
+from transformers.models.distilbert import modeling_distilbert
 from transformers.models.mpnet import modeling_mpnet
 
 from fastenc import functional as F
@@ -131,6 +133,26 @@ class _PositionBiasSelfAttention(torch.nn.Module):
         return (self.o(c.transpose(1, 2).flatten(2)),)
 
 
+class _FusedDistilBertBlock(torch.nn.Module):
+    """forward of DistilBERT's block: both residual adds fused into their LayerNorms, the feed-forward's bias and
+    activation fused after its first product, the feed-forward over blocks of rows in inference on a CPU (see
+    fastenc.nn.transformer.by_row_blocks)."""
+
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
+        attended, _ = self.attention(hidden_states, attention_mask=attention_mask, **kwargs)
+        attended = residual_layer_norm(self.sa_layer_norm, attended, hidden_states)
+        return by_row_blocks(self._feed_forward, attended, self.ffn.lin1.out_features, self)
+
+    def _feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        ffn = self.ffn
+        activation = _FUSED_ACTIVATIONS.get(type(ffn.activation))
+        if activation is None or ffn.chunk_size_feed_forward:
+            hidden = ffn(x)
+        else:
+            hidden = ffn.dropout(ffn.lin2(linear_bias_activation(x, ffn.lin1, activation)))
+        return residual_layer_norm(self.output_layer_norm, hidden, x)
+
+
 def _hidden_width(layer: torch.nn.Module, x: torch.Tensor) -> int:
     """The width of a BERT-style layer's hidden feed-forward layer (its intermediate's dense output), or BERT's
     usual 4 x the model's width where the intermediate has no such Linear."""
@@ -159,7 +181,7 @@ class _RowBlockMPNetLayer(torch.nn.Module):
 
 
 class _PackedEncoder(torch.nn.Module):
-    """BERT's encoder on packed tokens, for models converted with padding_free=True: the real tokens of a padded
+    """BERT's (and DistilBERT's) encoder on packed tokens, for models converted with padding_free=True: the real tokens of a padded
     batch are packed into one row once, every layer runs on them alone (the attention in its packed form), and the
     result is unpacked with 0 at the padded positions (their values are discarded by pooling and token heads)."""
 
@@ -180,15 +202,17 @@ def _source(function) -> str:
     return textwrap.dedent(inspect.getsource(function))
 
 
-# A family's module is fused when the method a fusion replaces is, token for token, BERT's (or MPNet's) one
-# (transformers copies BERT's blocks into most encoder families); anything else (pre-LayerNorm variants,
-# adapters) is left as it is.
+# A family's module is fused when the method a fusion replaces is, token for token, BERT's (or MPNet's or
+# DistilBERT's) one (transformers copies BERT's blocks into most encoder families); anything else (pre-LayerNorm
+# variants, adapters) is left as it is.
 _FUSIONS = {
     ("forward", _source(modeling_bert.BertSelfOutput.forward)): _ResidualNormOutput,
     ("forward", _source(modeling_bert.BertIntermediate.forward)): _BiasActivationIntermediate,
     ("forward", _source(modeling_mpnet.MPNetSelfAttention.forward)): _PositionBiasSelfAttention,
     ("forward", _source(modeling_mpnet.MPNetLayer.forward)): _RowBlockMPNetLayer,
     ("forward", _source(modeling_bert.BertEncoder.forward)): _PackedEncoder,
+    ("forward", _source(modeling_distilbert.TransformerBlock.forward)): _FusedDistilBertBlock,
+    ("forward", _source(modeling_distilbert.Transformer.forward)): _PackedEncoder,
     ("feed_forward_chunk", _source(modeling_bert.BertLayer.feed_forward_chunk)): _RowBlockFeedForward,
 }
 _FUSED_METHODS = tuple(dict.fromkeys(method for method, _ in _FUSIONS))
@@ -230,7 +254,7 @@ def __getattr__(name: str) -> type:
 
 
 def convert(model: torch.nn.Module, padding_free: bool = False) -> None:
-    """Convert the transformers models and modules in `model`. padding_free: BERT-style encoders run on packed
+    """Convert the transformers models and modules in `model`. padding_free: BERT-style and DistilBERT encoders run on packed
     tokens (0 at padded positions). Warns, naming them, for the models whose attention stays on their own code."""
     for sub in model.modules():
         fused = _fused_class(type(sub))

@@ -43,8 +43,9 @@ FAMILIES = {
                      **_TOKEN_IDS),
     "mpnet": _BERT_LIKE,  # its own attention code, with a learned relative position bias per head
 }
-# Families whose blocks are BERT's own code, so the residual + LayerNorm and bias + activation fusions apply.
-BERT_BLOCKS = {"bert", "roberta", "xlm-roberta", "camembert", "electra", "mpnet"}
+# Families whose blocks are BERT's own code (or DistilBERT's), so the residual + LayerNorm and bias + activation
+# fusions apply.
+BERT_BLOCKS = {"bert", "roberta", "xlm-roberta", "camembert", "electra", "mpnet", "distilbert"}
 # EuroBERT normalizes with RMSNorm, which fastenc does not replace.
 RMS_NORM = {"eurobert"}
 # Families whose attention is code fastenc does not reach: converted around it, with a warning.
@@ -170,8 +171,9 @@ def test_padding_free_family_matches_eager(backend_device, family, padding_side)
 
 @pytest.mark.parametrize("family", sorted(BERT_BLOCKS))
 def test_feed_forward_runs_in_row_blocks_in_inference(monkeypatch, family):
-    """BERT's (and MPNet's) layers run their feed-forward sub-layers over blocks of rows in inference on a CPU (see
-    fastenc.nn.transformer.by_row_blocks): 8 x 20 tokens in blocks of 64, 64 and 32, against the float64 oracle."""
+    """BERT's (and MPNet's and DistilBERT's) layers run their feed-forward sub-layers over blocks of rows in
+    inference on a CPU (see fastenc.nn.transformer.by_row_blocks): 8 x 20 tokens in blocks of 64, 64 and 32, against
+    the float64 oracle."""
     monkeypatch.setattr(fastenc.nn.transformer, "FEED_FORWARD_BLOCK_BYTES", 1)  # blocks of the least, 64 rows
     from fastenc import huggingface
 
@@ -191,7 +193,7 @@ def test_feed_forward_runs_in_row_blocks_in_inference(monkeypatch, family):
     with torch.no_grad():
         got, want, exact = (m(input_ids=ids, attention_mask=mask).last_hidden_state * mask[..., None]
                             for m in (converted, eager, oracle))
-    assert blocks == [64, 64, 32] * FAMILIES[family]["num_hidden_layers"]
+    assert blocks == [64, 64, 32] * eager.config.num_hidden_layers
     assert_close_to_oracle(f"{family} last_hidden_state", got, exact, want)
 
 
