@@ -191,8 +191,8 @@ SEED = 12345  # a dropout seed of 1 would compile as a constant
 
 def attention_case(dtype: str, head_dim: int, heavy: bool, varlen: bool = False) -> Case:
     """Forward and backward. heavy: causal with dropout, and on the padded layout a bias (a bool attn_mask as
-    functional.attention passes it: an (S_q, S_k) additive mask in q's dtype, expanded) and a key padding mask;
-    else none of them. varlen: the packed layout (which takes no bias or key padding mask)."""
+    functional.attention passes it: an (S_q, S_k) additive mask in q's dtype, expanded; its gradient wanted) and a
+    key padding mask; else none of them. varlen: the packed layout (which takes no bias or key padding mask)."""
     import torch
 
     from fastenc.kernels import attention
@@ -208,7 +208,7 @@ def attention_case(dtype: str, head_dim: int, heavy: bool, varlen: bool = False)
         args = AttentionArgs(q, k, v, bias, kpm, cu_seqlens, cu_seqlens, SEQUENCE, SEQUENCE, heavy, 0.125,
                              0.1 if heavy else 0.0, SEED)
         out, lse = attention.attention_forward(args)
-        attention.attention_backward(torch.empty_like(out), out, lse, args)
+        attention.attention_backward(torch.empty_like(out), out, lse, bias is not None, args)
     flags = ("bias+kpm+causal+dropout" if not varlen else "causal+dropout") if heavy else "plain"
     return Case("attention", dtype, f"head dim {head_dim}", flags + (", varlen" if varlen else ""), call)
 

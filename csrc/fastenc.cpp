@@ -194,16 +194,18 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(
   return attention_forward_cpu(q, k, v, bias, key_padding_mask, cu_seqlens_q, cu_seqlens_k, is_causal, scale);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& key_padding_mask,
-    const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k, int64_t, int64_t,
-    bool is_causal, double scale, double dropout_p, const std::optional<at::Tensor>&) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
+    const at::Tensor& dout, const at::Tensor& out, const at::Tensor& lse, bool bias_grad, const at::Tensor& q,
+    const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& cu_seqlens_q,
+    const std::optional<at::Tensor>& cu_seqlens_k, int64_t, int64_t, bool is_causal, double scale, double dropout_p,
+    const std::optional<at::Tensor>&) {
   check_attention(q, k, v, cu_seqlens_q, dropout_p);
   check_like(dout, out, "dout", "out");
   TORCH_CHECK(lse.scalar_type() == at::kFloat, "lse must be float32, got ", lse.scalar_type());
-  return attention_backward_cpu(dout, q, k, v, out, lse, bias, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
-                                is_causal, scale);
+  TORCH_CHECK(!bias_grad || bias.has_value(), "bias_grad needs a bias");
+  return attention_backward_cpu(dout, out, lse, bias_grad, q, k, v, bias, key_padding_mask, cu_seqlens_q,
+                                cu_seqlens_k, is_causal, scale);
 }
 
 // The build passes the arch list as a bare comma-separated token list (-DFASTENC_CUDA_ARCHS=sm_80,sm_90): string
@@ -244,9 +246,10 @@ TORCH_LIBRARY(fastenc_native, m) {
   m.def("attention_forward(Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? key_padding_mask, "
         "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, bool is_causal, "
         "float scale, float dropout_p, Tensor? dropout_seed) -> (Tensor out, Tensor lse)");
-  m.def("attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? bias, "
-        "Tensor? key_padding_mask, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
-        "bool is_causal, float scale, float dropout_p, Tensor? dropout_seed) -> (Tensor dq, Tensor dk, Tensor dv)");
+  m.def("attention_backward(Tensor dout, Tensor out, Tensor lse, bool bias_grad, Tensor q, Tensor k, Tensor v, "
+        "Tensor? bias, Tensor? key_padding_mask, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, "
+        "int max_seqlen_k, bool is_causal, float scale, float dropout_p, Tensor? dropout_seed) "
+        "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias)");
 }
 
 TORCH_LIBRARY_IMPL(fastenc_native, CPU, m) {

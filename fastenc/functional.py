@@ -144,9 +144,10 @@ def attention(
     """Fused attention of q (B, H, S_q, D), k and v (B, H, S_k, D), as `scaled_dot_product_attention`.
 
     attn_mask: bool (True = may attend, as in scaled_dot_product_attention) or an additive float mask,
-    broadcastable to (B, H, S_q, S_k); it is not differentiated. key_padding_mask: (B, S_k) bool, True = ignore
-    that key (as nn.MultiheadAttention). is_causal: query i sees keys j <= i (with attn_mask too, if given).
-    A query that may see no key gets output 0 (and zero gradients), not NaN. dropout_p applies whenever > 0.
+    broadcastable to (B, H, S_q, S_k); a float mask that requires grad (a learned bias) gets its gradient.
+    key_padding_mask: (B, S_k) bool, True = ignore that key (as nn.MultiheadAttention). is_causal: query i sees
+    keys j <= i (with attn_mask too, if given). A query that may see no key gets output 0 (and zero gradients),
+    not NaN. dropout_p applies whenever > 0.
     """
     _check_qkv(q, k, v, 4, "(B, H, S, D)")
     if q.shape[0] != k.shape[0]:
@@ -160,8 +161,6 @@ def attention(
             raise TypeError("attn_mask must be a bool or floating-point Tensor")
         if attn_mask.device != q.device:
             raise ValueError(f"attn_mask is on {attn_mask.device} but q is on {q.device}")
-        if attn_mask.requires_grad and torch.is_grad_enabled():
-            raise NotImplementedError("attn_mask requires grad, but fastenc does not differentiate the mask")
         try:
             bias = attn_mask.expand(batch, heads, s_q, s_k)
         except RuntimeError:

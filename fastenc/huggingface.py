@@ -26,7 +26,6 @@ import textwrap
 import warnings
 
 import torch
-import torch.nn.functional as TF
 from transformers import activations
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 from transformers.modeling_utils import AttentionInterface, PreTrainedModel
@@ -112,8 +111,7 @@ class _BiasActivationIntermediate(torch.nn.Module):
 class _PositionBiasSelfAttention(torch.nn.Module):
     """forward of MPNet's self-attention (q, k, v and o projections; scores + a relative position bias per head +
     the additive padding mask) with the attention in one fused op, the bias and mask given as an additive float
-    mask. The bias is learned: where its gradient is wanted, torch's scaled_dot_product_attention (which
-    differentiates its mask) runs instead."""
+    mask (the bias is learned: the op gives its gradient)."""
 
     _fastenc_attention = True
 
@@ -125,11 +123,7 @@ class _PositionBiasSelfAttention(torch.nn.Module):
         bias = position_bias
         if attention_mask is not None:
             bias = attention_mask if bias is None else bias + attention_mask
-        dropout = self.dropout.p if self.training else 0.0
-        if bias is not None and bias.requires_grad and torch.is_grad_enabled():
-            c = TF.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout)
-        else:
-            c = F.attention(q, k, v, attn_mask=bias, dropout_p=dropout)
+        c = F.attention(q, k, v, attn_mask=bias, dropout_p=self.dropout.p if self.training else 0.0)
         return (self.o(c.transpose(1, 2).flatten(2)),)
 
 

@@ -16,8 +16,8 @@ def attention_forward(a):
     return _ops.attention_forward.default(*a)
 
 
-def attention_backward(dout, out, lse, a):
-    return _ops.attention_backward.default(dout, a.q, a.k, a.v, out, lse, *a[3:])
+def attention_backward(dout, out, lse, bias_grad, a):
+    return _ops.attention_backward.default(dout, out, lse, bias_grad, *a)
 
 
 def bias_activation_forward(a):

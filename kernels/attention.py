@@ -117,6 +117,7 @@ def _fitting(kernel: str, configs, named_args, **kwargs) -> list:
 def _tuning(kernel: str) -> dict:
     # Every flag is in the key: a config tuned without a mask must not be reused with one (it may not fit).
     key = ["BLOCK_D", "IS_CAUSAL", "HAS_BIAS", "HAS_KPM", "HAS_DROPOUT", "IS_VARLEN"]
+    key += ["HAS_DBIAS"] if kernel == "dkdv" else []
     return dict(configs=_configs(kernel), key=key,
                 prune_configs_by={"early_config_prune": functools.partial(_fitting, kernel)})
 
@@ -246,16 +247,18 @@ def _dropped(x, seed, bh, rows, cols, pitch, dropout_p, HAS_DROPOUT: tl.constexp
 @triton.autotune(**_tuning("dkdv"))
 @triton.jit
 def _attention_backward_dkdv_kernel(
-    Q, K, V, Bias, KPM, CuQ, CuK, DO, Lse, Delta, DK, DV,
+    Q, K, V, Bias, KPM, CuQ, CuK, DO, Lse, Delta, DK, DV, DBias,
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls,
     stride_bb, stride_bh, stride_bm, stride_bn, stride_kpm,
     H, seqlen_q, seqlen_k, head_dim, qk_scale, sm_scale, dropout_p, seed,
     BLOCK_D: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_DBIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # DO, DK, DV share the strides of Q, K, V (the launcher makes them so); Delta shares Lse's.
+    # DO, DK, DV share the strides of Q, K, V (the launcher makes them so); Delta shares Lse's. DBias, with
+    # HAS_DBIAS: the bias's gradient, a contiguous (B, H, S_q, S_k) float32 tensor of zeros, where the tiles a
+    # query sees get their dS (the bias adds to the scores).
     start_n = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -298,6 +301,9 @@ def _attention_backward_dkdv_kernel(
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         dp = _dropped(dp, seed, bh, rows, cols, seqlen_k, dropout_p, HAS_DROPOUT)
         ds = p * (dp - delta[:, None])
+        if HAS_DBIAS:
+            db_off = (bh.to(tl.int64) * seqlen_q + rows[:, None]) * seqlen_k + cols[None, :]
+            tl.store(DBias + db_off, ds, mask=in_q[:, None] & (cols[None, :] < len_k))
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
     tl.store(DK + k_off + dims[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + v_off + dims[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
@@ -410,15 +416,16 @@ def attention_forward(a):
     return out, lse
 
 
-def attention_backward(dout, out, lse, a):
+def attention_backward(dout, out, lse, bias_grad, a):
     varlen = a.cu_seqlens_q is not None
     key_padding_mask = None if a.key_padding_mask is None else a.key_padding_mask.contiguous()
     q, k, v, out = (t.contiguous() for t in (*a[:3], out))
     dout = dout.contiguous()  # shares out's strides, as the kernels assume
     mask_strides, sizes, scale, seed, meta, bh = _common(a, q, key_padding_mask)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dbias = q.new_zeros((*q.shape[:3], k.shape[2]) if bias_grad else 0, dtype=torch.float32)
     if q.numel() == 0 or k.numel() == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        return dq.zero_(), dk.zero_(), dv.zero_(), dbias
     delta = (dout.float() * out.float()).sum(dim=-1)
     delta = delta.t().contiguous() if varlen else delta  # lse's layout: (H, T) or (B, H, S_q)
     lse_strides = (0, lse.stride(0), lse.stride(1)) if varlen else lse.stride()
@@ -428,9 +435,9 @@ def attention_backward(dout, out, lse, a):
     )
     masks = (_dummy(a.bias, q), _dummy(key_padding_mask, q), _dummy(a.cu_seqlens_q, q), _dummy(a.cu_seqlens_k, q))
     _attention_backward_dkdv_kernel[lambda m: (triton.cdiv(sizes[2], m["BLOCK_N"]), bh)](
-        q, k, v, *masks, dout, lse, delta, dk, dv, *common, **meta
+        q, k, v, *masks, dout, lse, delta, dk, dv, dbias if bias_grad else dk, *common, HAS_DBIAS=bias_grad, **meta
     )
     _attention_backward_dq_kernel[lambda m: (triton.cdiv(sizes[1], m["BLOCK_M"]), bh)](
         q, k, v, *masks, dout, lse, delta, dq, *common, **meta
     )
-    return dq, dk, dv
+    return dq, dk, dv, dbias

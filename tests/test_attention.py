@@ -258,6 +258,37 @@ def test_varlen_equals_padded(attention_backend, is_causal):
         torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("bias_shape,padded,causal", [((2, 3, 9, 12), True, False), ((3, 9, 12), False, True),
+                                                       ((1, 1, 9, 12), True, True)])
+def test_learned_bias_gets_its_gradient(attention_backend, bias_shape, padded, causal):
+    """A float attn_mask that requires grad (MPNet's relative position bias, T5-style biases): its gradient,
+    summed over the dimensions it was broadcast along, with padded and causally hidden keys (whose bias gradient
+    is 0), against torch's SDPA (which differentiates its mask), in float64 as the oracle."""
+    name, device = attention_backend
+    q, k, v = _qkv(2, 3, 9, 12, 16, torch.float32, device)
+    bias = torch.randn(bias_shape, generator=torch.Generator().manual_seed(5)).to(device)
+    padding = None
+    if padded:
+        padding = torch.zeros(2, 12, dtype=torch.bool, device=device)
+        padding[1, 7:] = True
+    skip_unless_takes("attention", name, AttentionArgs(q, k, v, bias.expand(2, 3, 9, 12), padding, None, None, 9,
+                                                       12, causal, 1.0, 0.0, None))
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(7)).to(q)
+
+    def ours(q, k, v, bias):
+        return F.attention(q, k, v, attn_mask=bias, key_padding_mask=padding, is_causal=causal)
+
+    def sdpa(q, k, v, bias):
+        mask = _torch_mask(2, 3, 9, 12, None, padding, causal, q.dtype, q.device) + bias
+        return TF.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    got = outputs_and_grads(ours, (q, k, v, bias), [dout])
+    assert backends.last_used()["attention"] == name, "the selected backend did not run"
+    want = outputs_and_grads(sdpa, (q, k, v, bias), [dout])
+    exact = outputs_and_grads(sdpa, (q, k, v, bias), [dout], cast=torch.float64)
+    compare_with_oracle(["out", "dq", "dk", "dv", "dbias"], got, want, exact)
+
+
 def test_opcheck(attention_backend):
     name, device = attention_backend
     q, k, v = _qkv(2, 2, 9, 12, 16, torch.float32, device)

@@ -143,8 +143,6 @@ CASES = [
          TypeError, "attn_mask must be a bool or floating-point Tensor"),
     Case(ATT, "attn_mask on another device", lambda: F.attention(Q, K, K, attn_mask=_meta(5, 7)), ValueError,
          "attn_mask is on meta"),
-    Case(ATT, "attn_mask requires grad", lambda: F.attention(Q, K, K, attn_mask=torch.zeros(5, 7, requires_grad=True)),
-         NotImplementedError, "attn_mask requires grad"),
     Case(ATT, "attn_mask does not broadcast to (B, H, S_q, S_k)", lambda: F.attention(Q, K, K, attn_mask=X), ValueError,
          r"attn_mask of shape \(3, 8\) does not broadcast"),
     Case(ATT, "key_padding_mask not bool", lambda: F.attention(Q, K, K, key_padding_mask=torch.zeros(2, 7)),

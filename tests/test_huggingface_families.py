@@ -115,7 +115,7 @@ def test_converted_family_matches_eager(backend_device, family, case):
     if not runs_here:
         pytest.skip(f"{case} runs on {'the other backends' if name == 'triton' else 'the triton backend'}")
     converted, (ids, mask) = _converted_matches_eager(family, device, dtype, padding_side)
-    # Inference runs every op on fastenc (in training MPNet's learned position bias takes torch's attention).
+    # Inference runs every op on fastenc.
     backends._last_used.clear()
     with torch.no_grad():
         converted.eval()(input_ids=ids, attention_mask=mask)

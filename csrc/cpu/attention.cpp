@@ -58,6 +58,8 @@ struct Problem {
   const float *q, *k, *v, *dout, *out;
   const float* lse;
   float *q_grad_or_out, *k_grad, *v_grad;
+  float* bias_grad;  // (B, H, S_q, S_k) with unit key stride, or null: the backward writes dS there
+  int64_t bias_grad_stride[3];
   float* lse_out;
   const float* bias;
   const bool* key_padding;
@@ -365,13 +367,14 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
-    const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-    const at::Tensor& out_in, const at::Tensor& lse, const std::optional<at::Tensor>& bias,
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
+    const at::Tensor& dout_in, const at::Tensor& out_in, const at::Tensor& lse, bool bias_grad, const at::Tensor& q_in,
+    const at::Tensor& k_in, const at::Tensor& v_in, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& cu_seqlens_q,
     const std::optional<at::Tensor>& cu_seqlens_k, bool is_causal, double scale) {
   TORCH_CHECK(attention_cpu_available(), "the native CPU attention needs a CPU with AVX2 and FMA");
   const bool packed = cu_seqlens_q.has_value();
+  TORCH_CHECK(!(bias_grad && packed), "the packed layout takes no bias, so it has no bias gradient");
   const auto q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   // dout and out share one layout (the kernel reads both with out's strides).
   const auto out = out_in.contiguous(), dout = dout_in.contiguous();
@@ -388,9 +391,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
   p.q_grad_or_out = dq.data_ptr<float>();
   p.k_grad = dk.data_ptr<float>();
   p.v_grad = dv.data_ptr<float>();
+  // Zeros where the kernel writes nothing: keys a query cannot see (causal, padded tiles) have dS = 0.
+  auto dbias = bias_grad ? at::zeros({q.size(0), q.size(1), q.size(2), k.size(2)}, q.options()) : q.new_empty({0});
+  p.bias_grad = bias_grad ? dbias.data_ptr<float>() : nullptr;
+  for (int d = 0; d < 3 && bias_grad; ++d) p.bias_grad_stride[d] = dbias.stride(d);
   const auto task = cpu_isa() == Isa::kAvx512 ? avx512::backward_task : avx2::backward_task;
   for_each_balanced(cost, [&](int64_t t, Scratch& scratch) { task(p, heads[t], scratch); });
-  return {dq, dk, dv};
+  return {dq, dk, dv, dbias};
 }
 
 #else  // no x86 vector code: attention_cpu_available() is false and the Python side never selects these
@@ -405,10 +412,10 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor&, cons
   TORCH_CHECK(false, "the native CPU attention needs an x86 CPU with AVX2 and FMA");
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-    const std::optional<at::Tensor>&, bool, double) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, bool, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool, double) {
   TORCH_CHECK(false, "the native CPU attention needs an x86 CPU with AVX2 and FMA");
 }
 

@@ -287,6 +287,11 @@ void backward_task(const Problem& p, const Head& h, Scratch& w) {
           float* ds = dps + r * kBlock + c;  // dS = P (dP - delta), in place of dP
           Vec::store(ds, Vec::mul(Vec::load(s + r * kBlock + c), Vec::sub(Vec::load(ds), dr)));
         }
+        if (p.bias_grad != nullptr && i0 + r < h.len_q) {  // the bias adds to the scores: its gradient is dS
+          const int64_t* g = p.bias_grad_stride;
+          float* row = p.bias_grad + h.batch * g[0] + h.head * g[1] + (i0 + r) * g[2] + j0;
+          std::copy(dps + r * kBlock, dps + r * kBlock + std::min(n, h.len_k - j0), row);
+        }
       }
       products(dps, n, w.k_rows.data() + j0 * dp, dp, w.dq_tile.data(), dp, dp);
       transposed_products(dps, n, w.q_tile.data(), dp, w.dk.data() + j0 * dp, dp, dp);

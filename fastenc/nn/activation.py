@@ -8,7 +8,6 @@ from torch import Tensor
 
 from fastenc import functional as F
 from fastenc.nn._errors import ArgumentTypeError, ArgumentValueError, NotScriptable
-from fastenc.ops import records_grad
 
 
 def check_dtype(name: str, t: Tensor, weight: Tensor) -> None:
@@ -40,8 +39,8 @@ class MultiheadAttention(NotScriptable, torch.nn.MultiheadAttention):
 
     With `need_weights=False` (what TransformerEncoderLayer asks for) attention runs fused in fastenc and the
     weights are not formed. With `need_weights=True` (torch's default) the weights must be materialised, so
-    that call takes torch's own, non-fused path and returns exactly what torch returns; so does a call whose
-    mask requires grad (a learned additive bias), since fastenc's attention does not differentiate masks.
+    that call takes torch's own, non-fused path and returns exactly what torch returns. A float mask that requires
+    grad (a learned additive bias) gets its gradient from fastenc's attention.
     Masks keep torch's meanings: in `attn_mask` and `key_padding_mask`, True (or -inf) means "do not attend".
     """
 
@@ -56,7 +55,7 @@ class MultiheadAttention(NotScriptable, torch.nn.MultiheadAttention):
         average_attn_weights: bool = True,
         is_causal: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
-        if need_weights or records_grad(attn_mask, key_padding_mask):  # a learned mask: torch differentiates it
+        if need_weights:
             return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask,
                                    average_attn_weights, is_causal)
         if is_causal:

@@ -5,7 +5,8 @@ Contract every implementation follows (reference, kernels/attention.py), over on
   attention_forward(a) -> (out, lse)
       out is contiguous in q's dtype; lse float32 (float64 for float64 input), +inf for a fully masked row:
       (B, H, S_q) padded, (H, T_q) packed.
-  attention_backward(dout, out, lse, a) -> (dq, dk, dv), contiguous.
+  attention_backward(dout, out, lse, bias_grad, a) -> (dq, dk, dv, dbias), contiguous; dbias, when bias_grad,
+      the gradient of the (expanded) bias: (B, H, S_q, S_k) float32 (float64 for float64 input), else empty.
 The ops take the backend's name (from backends.select, in functional); the backward runs the forward's.
 """
 
@@ -42,10 +43,12 @@ class AttentionArgs(NamedTuple):
 
 
 class AttentionBackwardArgs(NamedTuple):
-    """What the backward takes besides the forward's arguments: the output's gradient and the forward's outputs."""
+    """What the backward takes besides the forward's arguments: the output's gradient, the forward's outputs, and
+    whether the bias's gradient is wanted (a learned bias: relative positions, ALiBi-like slopes)."""
     dout: Tensor
     out: Tensor
     lse: Tensor
+    bias_grad: bool
 
 
 def _triton_supports(a: AttentionArgs) -> str | None:
@@ -107,14 +110,17 @@ def _fake_forward(*flat):
 attention.register_fake(_fake_forward)
 
 
-@spec_op("fastenc::attention_backward", AttentionBackwardArgs, AttentionArgs, returns="(Tensor, Tensor, Tensor)")
-def attention_backward(g: AttentionBackwardArgs, a: AttentionArgs, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+@spec_op("fastenc::attention_backward", AttentionBackwardArgs, AttentionArgs,
+         returns="(Tensor, Tensor, Tensor, Tensor)")
+def attention_backward(g: AttentionBackwardArgs, a: AttentionArgs, backend: str) -> tuple[Tensor, ...]:
     return backends.implementation("attention", backend).attention_backward(*g, a)
 
 
 def _fake_backward(*flat):
-    _, a, _ = attention_backward.unflatten(flat)
-    return a.q.new_empty(a.q.shape), a.k.new_empty(a.k.shape), a.v.new_empty(a.v.shape)
+    g, a, _ = attention_backward.unflatten(flat)
+    acc = torch.float64 if a.q.dtype == torch.float64 else torch.float32
+    dbias = a.q.new_empty((*a.q.shape[:3], a.k.shape[2]) if g.bias_grad else (0,), dtype=acc)
+    return a.q.new_empty(a.q.shape), a.k.new_empty(a.k.shape), a.v.new_empty(a.v.shape), dbias
 
 
 attention_backward.register_fake(_fake_backward)
@@ -129,13 +135,15 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, dlse):
     (out, lse), a = saved_args(ctx)
-    unused = [None] * (len(a) - 3 + 1)  # the other arguments and the backend's name take no gradient
+    unused = [None] * (len(a) - 4 + 1)  # the other arguments and the backend's name take no gradient
     if torch.is_grad_enabled():  # create_graph=True: the gradients are differentiated again
         from fastenc.reference import attention as reference
 
         out, _ = reference.attention_forward(a)
-        return *autograd_gradients((out,), (dout,), a[:3], ctx.needs_input_grad), *unused
-    return *attention_backward(dout, out, lse, *a, ctx.backend), *unused
+        return *autograd_gradients((out,), (dout,), a[:4], ctx.needs_input_grad), *unused
+    bias_grad = ctx.needs_input_grad[3]
+    dq, dk, dv, dbias = attention_backward(dout, out, lse, bias_grad, *a, ctx.backend)
+    return dq, dk, dv, dbias.to(a.bias.dtype) if bias_grad else None, *unused
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)

@@ -68,7 +68,8 @@ def attention_math(
 
 
 def _attention_grads(dout, q, k, v, bias, key_padding_mask, is_causal, scale, keep, dropout_p):
-    """(dq, dk, dv) of attention_math, written out: the oracle for the kernels' backward."""
+    """(dq, dk, dv, dS) of attention_math, written out: the oracle for the kernels' backward. dS, the scores'
+    gradient, is also the additive bias's."""
     p, _ = _probabilities(q, k, bias, key_padding_mask, is_causal, scale)
     acc = p.dtype
     dout = dout.to(acc)
@@ -80,7 +81,7 @@ def _attention_grads(dout, q, k, v, bias, key_padding_mask, is_causal, scale, ke
     ds = p * (dp - (dp * p).sum(dim=-1, keepdim=True))
     dq = torch.matmul(ds, k.to(acc)) * scale
     dk = torch.matmul(ds.transpose(-2, -1), q.to(acc)) * scale
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), ds
 
 
 def _dropout_keep(shape, dropout_p: float, seed: Tensor | None, device, offset: int = 0) -> Tensor | None:
@@ -117,15 +118,15 @@ def attention_forward(a):
     return out.contiguous(), lse.squeeze(-1).t().contiguous()  # lse: (T, H, 1) -> (H, T)
 
 
-def attention_backward(dout, out, lse, a):
+def attention_backward(dout, out, lse, bias_grad, a):
     if a.cu_seqlens_q is None:
         keep = _dropout_keep((*a.q.shape[:3], a.k.shape[2]), a.dropout_p, a.dropout_seed, a.q.device)
-        grads = _attention_grads(dout, a.q, a.k, a.v, a.bias, a.key_padding_mask, a.is_causal, a.scale, keep,
-                                 a.dropout_p)
-        return tuple(g.contiguous() for g in grads)
+        *grads, ds = _attention_grads(dout, a.q, a.k, a.v, a.bias, a.key_padding_mask, a.is_causal, a.scale, keep,
+                                      a.dropout_p)
+        return *(g.contiguous() for g in grads), ds.contiguous() if bias_grad else ds.new_empty(0)
     grads = _per_sequence(
         lambda dout, q, k, v, keep: _attention_grads(dout, q, k, v, None, None, a.is_causal, a.scale, keep,
-                                                     a.dropout_p),
+                                                     a.dropout_p)[:3],
         (dout, a.q), (a.k, a.v), a.cu_seqlens_q, a.cu_seqlens_k, a.dropout_p, a.dropout_seed,
     )
-    return tuple(g.contiguous() for g in grads)
+    return *(g.contiguous() for g in grads), grads[0].new_empty(0, dtype=_compute_dtype(a.q.dtype))

@@ -3,8 +3,9 @@ contract: fastenc/ops/attention.py.
 
 The padded layout is one call; the packed layout one call per sequence, on views of its tokens. A fully masked
 query row comes out of torch's kernel as 0 with log-sum-exp 0; the contract's lse is +inf there, which gives the
-backward the same zero probabilities. With dropout the reference's math runs (as SDPA's math path would): the
-backward regenerates its mask from the seed, which torch's kernel cannot.
+backward the same zero probabilities. With dropout, or a bias whose gradient is wanted, the reference's math runs
+(as SDPA's math path would): the backward regenerates its mask from the seed, and gives dS, which torch's kernel
+cannot.
 """
 
 from __future__ import annotations
@@ -100,12 +101,13 @@ def _attend_backward(dout, q, k, v, out, lse, bias, key_padding_mask, is_causal,
                            scale=scale)
 
 
-def attention_backward(dout, out, lse, a):
-    if a.dropout_p > 0:
-        return reference.attention_backward(dout, out, lse, a)
+def attention_backward(dout, out, lse, bias_grad, a):
+    if a.dropout_p > 0 or bias_grad:
+        return reference.attention_backward(dout, out, lse, bias_grad, a)
+    empty = out.new_empty(0, dtype=_lse_dtype(a.q))
     if a.cu_seqlens_q is None:
         grads = _attend_backward(dout, a.q, a.k, a.v, out, lse, a.bias, a.key_padding_mask, a.is_causal, a.scale)
-        return tuple(g.contiguous() for g in grads)
+        return *(g.contiguous() for g in grads), empty
     dq, dk, dv = (torch.zeros_like(t) for t in a[:3])
     for tokens_q, tokens_k in _sequences(a.cu_seqlens_q, a.cu_seqlens_k):
         if tokens_q.stop == tokens_q.start:
@@ -115,4 +117,4 @@ def attention_backward(dout, out, lse, a):
                                  a.is_causal, a.scale)
         for full, part, tokens in zip((dq, dk, dv), grads, (tokens_q, tokens_k, tokens_k)):
             full[tokens] = part[0].transpose(0, 1)
-    return dq, dk, dv
+    return dq, dk, dv, empty
