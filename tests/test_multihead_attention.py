@@ -165,3 +165,33 @@ def test_causal_hint_takes_torchs_reading_of_attn_mask(backend_device, padding):
     if padding:
         kwargs["key_padding_mask"] = (torch.arange(S)[None, :] >= torch.tensor([[S], [5]])).to(device)
     _compare(ours, theirs, (query, memory, memory), **kwargs)
+
+
+class _UserLayer(fastenc.nn.TransformerEncoderLayer):
+    """A user's subclass, as torch's tests script them."""
+
+
+def test_torchscript_error_names_a_users_subclass_as_the_users():
+    with pytest.raises(RuntimeError, match=r"^tests\.test_multihead_attention\._UserLayer \(a fastenc module\)"):
+        torch.jit.script(_UserLayer(E, H, 2 * E))
+
+
+RANK_ERRORS = {  # inputs of the wrong rank for a batched query
+    "2-D key": dict(key=torch.randn(3, E)),
+    "2-D value": dict(value=torch.randn(3, E)),
+    "1-D key_padding_mask": dict(key_padding_mask=torch.tensor([False, True, True])),
+    "1-D attn_mask": dict(attn_mask=torch.tensor([False, True, True])),
+}
+
+
+@pytest.mark.parametrize("case", RANK_ERRORS)
+def test_rank_errors_are_torchs_word_for_word(case):
+    """With need_weights=False (fastenc's fused path) an input of the wrong rank raises what torch raises."""
+    ours, theirs = _pair("cpu", batch_first=True)
+    q = torch.randn(N, L, E)
+    args = {**dict(query=q, key=q, value=q, need_weights=False), **RANK_ERRORS[case]}
+    with pytest.raises(AssertionError) as want:
+        theirs(**args)
+    with pytest.raises(AssertionError) as got:
+        ours(**args)
+    assert type(got.value) is type(want.value) and str(got.value) == str(want.value)

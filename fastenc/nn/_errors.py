@@ -22,6 +22,8 @@ class NotScriptable:
     custom ops from Python, with keyword arguments TorchScript rejects), and says so, naming what works."""
 
     def __prepare_scriptable__(self):
+        cls = type(self)
+        name = f"{cls.__module__}.{cls.__qualname__}"  # a user's subclass is named as the user's
         raise RuntimeError(
-            f"fastenc.nn.{type(self).__name__} cannot be compiled by torch.jit.script (TorchScript): use "
-            f"torch.compile, which traces through fastenc's ops, or script the torch.nn model before fastenc.convert")
+            f"{name} (a fastenc module) cannot be compiled by torch.jit.script (TorchScript): use torch.compile, "
+            f"which traces through fastenc's ops, or script the torch.nn model before fastenc.convert")

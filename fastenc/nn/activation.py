@@ -58,6 +58,8 @@ class MultiheadAttention(NotScriptable, torch.nn.MultiheadAttention):
         if need_weights:
             return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask,
                                    average_attn_weights, is_causal)
+        # torch's own rank checks first, so that a call torch rejects gets torch's error, word for word.
+        TF._mha_shape_check(query, key, value, key_padding_mask, attn_mask, self.num_heads)
         if is_causal:
             if attn_mask is None:
                 raise RuntimeError("is_causal=True is a hint that attn_mask is the causal mask: pass attn_mask too")
