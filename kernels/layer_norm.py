@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastenc.ops import accumulation_dtype
+
 
 @triton.jit
 def _summed_chunk(X, R, row, stride_x, stride_r, cols, mask, acc_t: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
@@ -218,7 +220,7 @@ def layer_norm_forward(a):
     x, residual, weight, bias, eps, store_sum = a
     rows, n = x.shape
     x = _rows(x)
-    stats = torch.float64 if x.dtype == torch.float64 else torch.float32
+    stats = accumulation_dtype(x.dtype)
     y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     store = store_sum and residual is not None
     summed = torch.empty_like(y) if store else x.new_empty(0)

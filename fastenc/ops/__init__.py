@@ -13,6 +13,12 @@ _SCHEMA_TYPES = {Tensor: "Tensor", Tensor | None: "Tensor?", int: "SymInt", floa
                  list[bool]: "bool[]"}
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The contract's one dtype rule: statistics, saved intermediates and parameter gradients are float64 for
+    float64 inputs and float32 for every other dtype."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def spec_op(name: str, *records: type, returns: str) -> Callable:
     """Decorator making `fn(*records, backend)` the torch.library custom op `name`. Each record is a NamedTuple
     of arguments: an op declares its arguments once, in one (its backward in one more, for what it adds), and

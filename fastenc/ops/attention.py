@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from fastenc import backends
-from fastenc.ops import autograd_gradients, save_args, saved_args, spec_op
+from fastenc.ops import accumulation_dtype, autograd_gradients, save_args, saved_args, spec_op
 
 
 class AttentionArgs(NamedTuple):
@@ -103,8 +103,7 @@ def attention(a: AttentionArgs, backend: str) -> tuple[Tensor, Tensor]:
 def _fake_forward(*flat):
     a, _ = attention.unflatten(flat)
     lse_shape = (a.q.shape[1], a.q.shape[0]) if a.cu_seqlens_q is not None else a.q.shape[:3]
-    lse_dtype = torch.float64 if a.q.dtype == torch.float64 else torch.float32
-    return a.q.new_empty(a.q.shape), a.q.new_empty(lse_shape, dtype=lse_dtype)
+    return a.q.new_empty(a.q.shape), a.q.new_empty(lse_shape, dtype=accumulation_dtype(a.q.dtype))
 
 
 attention.register_fake(_fake_forward)
@@ -118,8 +117,8 @@ def attention_backward(g: AttentionBackwardArgs, a: AttentionArgs, backend: str)
 
 def _fake_backward(*flat):
     g, a, _ = attention_backward.unflatten(flat)
-    acc = torch.float64 if a.q.dtype == torch.float64 else torch.float32
-    dbias = a.q.new_empty((*a.q.shape[:3], a.k.shape[2]) if g.bias_grad else (0,), dtype=acc)
+    dbias = a.q.new_empty((*a.q.shape[:3], a.k.shape[2]) if g.bias_grad else (0,),
+                          dtype=accumulation_dtype(a.q.dtype))
     return a.q.new_empty(a.q.shape), a.k.new_empty(a.k.shape), a.v.new_empty(a.v.shape), dbias
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from fastenc import backends
-from fastenc.ops import autograd_gradients, records_grad, save_args, saved_args, spec_op
+from fastenc.ops import accumulation_dtype, autograd_gradients, records_grad, save_args, saved_args, spec_op
 
 
 class BiasActivationArgs(NamedTuple):
@@ -72,7 +72,7 @@ def bias_activation_backward(g: BiasActivationBackwardArgs, a: BiasActivationArg
 
 def _fake_backward(*flat):
     _, a, _ = bias_activation_backward.unflatten(flat)
-    acc = torch.float64 if a.x.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(a.x.dtype)
     return a.x.new_empty(a.x.shape), a.x.new_empty(a.x.shape[1] if a.bias is not None else 0, dtype=acc)
 
 

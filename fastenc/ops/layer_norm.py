@@ -19,8 +19,7 @@ import torch
 from torch import Tensor
 
 from fastenc import backends
-from fastenc.ops import autograd_gradients, spec_op
-from fastenc.reference.layer_norm import stat_dtype
+from fastenc.ops import accumulation_dtype, autograd_gradients, spec_op
 
 
 class LayerNormArgs(NamedTuple):
@@ -73,7 +72,7 @@ def _fake_forward(*flat):
     a, _ = layer_norm.unflatten(flat)
     rows = a.x.shape[0]
     summed = a.x.new_empty(a.x.shape) if a.store_sum and a.residual is not None else a.x.new_empty(0)
-    stats = stat_dtype(a.x.dtype)
+    stats = accumulation_dtype(a.x.dtype)
     return a.x.new_empty(a.x.shape), summed, a.x.new_empty(rows, dtype=stats), a.x.new_empty(rows, dtype=stats)
 
 

@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from fastenc import backends
-from fastenc.ops import autograd_gradients, save_args, saved_args, spec_op
+from fastenc.ops import accumulation_dtype, autograd_gradients, save_args, saved_args, spec_op
 
 
 class LstmArgs(NamedTuple):
@@ -99,10 +99,6 @@ backends.register(
 )
 
 
-def _saved_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 @spec_op("fastenc::lstm_layer", LstmArgs, returns="(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 def lstm_layer(a: LstmArgs, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     out, h_n, c_n, *saved = backends.implementation("lstm", backend).lstm_layer_forward(a)
@@ -114,7 +110,7 @@ def lstm_layer(a: LstmArgs, backend: str) -> tuple[Tensor, Tensor, Tensor, Tenso
 def _fake_forward(*flat):
     a, _ = lstm_layer.unflatten(flat)
     lead, hidden = a.x.shape[:-1], a.c0.shape[1]
-    saved = _saved_dtype(a.x.dtype)
+    saved = accumulation_dtype(a.x.dtype)
     shapes = ((*lead, 4 * hidden), (*lead, hidden), (*lead, hidden) if a.w_hr is not None else (0,))
     return (a.x.new_empty((*lead, a.h0.shape[1])), a.h0.new_empty(a.h0.shape), a.c0.new_empty(a.c0.shape),
             *(a.x.new_empty(shape if a.save else (0,), dtype=saved) for shape in shapes))

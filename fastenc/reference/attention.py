@@ -16,14 +16,12 @@ import math
 import torch
 from torch import Tensor
 
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from fastenc.ops import accumulation_dtype
 
 
 def _probabilities(q, k, bias, key_padding_mask, is_causal, scale) -> tuple[Tensor, Tensor]:
     """Softmax probabilities (B, H, S_q, S_k) in the compute dtype, and the log-sum-exp (B, H, S_q)."""
-    acc = _compute_dtype(q.dtype)
+    acc = accumulation_dtype(q.dtype)
     scores = torch.matmul(q.to(acc), k.to(acc).transpose(-2, -1)) * scale
     if bias is not None:
         scores = scores + bias.to(acc)
@@ -129,4 +127,4 @@ def attention_backward(dout, out, lse, bias_grad, a):
                                                      a.dropout_p)[:3],
         (dout, a.q), (a.k, a.v), a.cu_seqlens_q, a.cu_seqlens_k, a.dropout_p, a.dropout_seed,
     )
-    return *(g.contiguous() for g in grads), grads[0].new_empty(0, dtype=_compute_dtype(a.q.dtype))
+    return *(g.contiguous() for g in grads), grads[0].new_empty(0, dtype=accumulation_dtype(a.q.dtype))

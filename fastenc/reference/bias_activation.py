@@ -9,9 +9,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as TF
 
+from fastenc.ops import accumulation_dtype
+
 
 def _pre_activation(x, bias):
-    z = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    z = x.to(accumulation_dtype(x.dtype))
     return z if bias is None else z + bias.to(z.dtype)
 
 

@@ -10,15 +10,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-
-def stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of the saved mean / rstd (and of the arithmetic) for inputs of `dtype`."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from fastenc.ops import accumulation_dtype
 
 
 def normalize(xs: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """Differentiable LayerNorm of the rows of `xs`: (y in xs.dtype, mean, rstd)."""
-    xf = xs.to(stat_dtype(xs.dtype))
+    xf = xs.to(accumulation_dtype(xs.dtype))
     mean = xf.mean(dim=-1)
     centred = xf - mean.unsqueeze(-1)
     rstd = torch.rsqrt(centred.square().mean(dim=-1) + eps)

@@ -12,11 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fastenc.ops import accumulation_dtype
 from fastenc.ops.lstm_plan import row_maps, schedule
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _previous(states: Tensor, initial: Tensor, off_prev: int, n_prev: int, n: int) -> Tensor:
@@ -28,7 +25,7 @@ def _previous(states: Tensor, initial: Tensor, off_prev: int, n_prev: int, n: in
 def lstm_layer_forward(a):
     # the saved tensors are computed anyway (save is for implementations that can skip them).
     x, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse, _ = a
-    acc = _acc_dtype(x.dtype)
+    acc = accumulation_dtype(x.dtype)
     hidden, proj = c0.shape[1], h0.shape[1]
     lead = x.shape[:-1]
     gx = torch.nn.functional.linear(x, w_ih, bias).reshape(-1, 4 * hidden).to(acc)

@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from fastenc.ops import accumulation_dtype
 from fastenc.reference import attention as reference
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -50,17 +51,13 @@ def _attend(q, k, v, bias, key_padding_mask, is_causal, scale):
     """(out, lse) of (B, H, S, D) tensors."""
     s_q, s_k = q.shape[2], k.shape[2]
     if s_k == 0:
-        return q.new_zeros(q.shape), torch.full(q.shape[:3], math.inf, dtype=_lse_dtype(q), device=q.device)
+        return q.new_zeros(q.shape), torch.full(q.shape[:3], math.inf, dtype=accumulation_dtype(q.dtype), device=q.device)
     mask = _mask(q, bias, key_padding_mask)
     out, lse = _flash(q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)
     fully = _fully_masked(mask, bias, key_padding_mask, is_causal, s_q, s_k)
     if fully is not None:
         lse = lse.masked_fill(fully, math.inf)
     return out, lse
-
-
-def _lse_dtype(q):
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
 def _sequences(cu_seqlens_q, cu_seqlens_k):
@@ -83,7 +80,7 @@ def attention_forward(a):
         return out.contiguous(), lse.contiguous()
     q, k, v = a.q, a.k, a.v
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((q.shape[1], q.shape[0]), dtype=_lse_dtype(q), device=q.device)
+    lse = torch.empty((q.shape[1], q.shape[0]), dtype=accumulation_dtype(q.dtype), device=q.device)
     for tokens_q, tokens_k in _sequences(a.cu_seqlens_q, a.cu_seqlens_k):
         if tokens_q.stop == tokens_q.start:
             continue
@@ -104,7 +101,7 @@ def _attend_backward(dout, q, k, v, out, lse, bias, key_padding_mask, is_causal,
 def attention_backward(dout, out, lse, bias_grad, a):
     if a.dropout_p > 0 or bias_grad:
         return reference.attention_backward(dout, out, lse, bias_grad, a)
-    empty = out.new_empty(0, dtype=_lse_dtype(a.q))
+    empty = out.new_empty(0, dtype=accumulation_dtype(a.q.dtype))
     if a.cu_seqlens_q is None:
         grads = _attend_backward(dout, a.q, a.k, a.v, out, lse, a.bias, a.key_padding_mask, a.is_causal, a.scale)
         return *(g.contiguous() for g in grads), empty

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as TF
 
+from fastenc.ops import accumulation_dtype
 from fastenc.reference import bias_activation as reference
 
 
@@ -35,6 +36,6 @@ def bias_activation_backward(dy, a):
         dz = torch.ops.aten.threshold_backward(dy, z, 0)
     else:
         dz = torch.ops.aten.gelu_backward(dy, z, approximate=_approximate(a.activation))
-    acc = torch.float64 if a.x.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(a.x.dtype)
     dbias = dz.sum(dim=0, dtype=acc) if a.bias is not None else z.new_empty(0, dtype=acc)
     return dz.to(a.x.dtype).contiguous(), dbias

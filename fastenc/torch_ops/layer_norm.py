@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fastenc.reference.layer_norm import stat_dtype
+from fastenc.ops import accumulation_dtype
 
 _REDUCED = (torch.float16, torch.bfloat16)
 
@@ -22,7 +22,7 @@ def layer_norm_forward(a):
     (weight, bias), _ = _params(xs, a.weight, a.bias)
     y, mean, rstd = torch.ops.aten.native_layer_norm(xs, [xs.shape[1]], weight, bias, a.eps)
     summed = xs if a.store_sum and a.residual is not None else a.x.new_empty(0)
-    stats = stat_dtype(a.x.dtype)
+    stats = accumulation_dtype(a.x.dtype)
     return y, summed, mean.view(-1).to(stats), rstd.view(-1).to(stats)
 
 
