@@ -52,6 +52,7 @@ from fastenc.ops import accumulation_dtype, autograd_gradients, save_args, saved
 
 
 class LstmArgs(NamedTuple):
+    """One layer in one direction (the contract above says what each argument is)."""
     x: Tensor
     h0: Tensor
     c0: Tensor
