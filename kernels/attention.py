@@ -39,8 +39,11 @@ _INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # terms, and at head dim 128 the forward and dQ kernels' score tiles (BLOCK_M x BLOCK_N) hold 4096 values at most
 # (and the forward's no fewer than 64 queries: 32-query tiles spilled in the packed layout, triton 3.6);
 # the dK/dV kernel keeps two (BLOCK_N x head dim) float32 accumulators besides its streamed tiles, so with masks it
-# gets 8 warps only. Float32 dots ("ieee") hold their operands in registers, so float32 gets small tiles, the same
-# with or without masks; its dK/dV at head dim 128 fits only the smallest, and that one at the register cap.
+# gets 8 warps only. Storing the bias gradient too ("dbias": a learned bias) costs registers: the 16-bit 32 x 32
+# tile at head dim 128 spilled (triton 3.6), and so did float32's 32 x 16 tile at head dim 64 and its 8-warp 16 x 16
+# at 128 (3.6 and 3.8); the "dbias" lists keep what fits (elsewhere the kernel's other lists apply).
+# Float32 dots ("ieee") hold their operands in registers, so float32 gets small tiles, the same with or without
+# masks; its dK/dV at head dim 128 fits only the smallest, and that one at the register cap.
 # The first tile of a list is the one FASTENC_AUTOTUNE=0 runs.
 _TILES = {
     ("forward", "16-bit", "plain", 64): [(128, 64, 4), (128, 64, 8), (128, 32, 4), (128, 32, 8), (64, 64, 4),
@@ -69,10 +72,13 @@ _TILES = {
     ("dkdv", "16-bit", "plain", 128): [(32, 64, 8)],
     ("dkdv", "16-bit", "masked", 64): [(32, 64, 8), (16, 128, 8), (64, 32, 8), (16, 64, 8), (32, 32, 8)],
     ("dkdv", "16-bit", "masked", 128): [(16, 64, 8), (32, 32, 8)],
+    ("dkdv", "16-bit", "dbias", 128): [(16, 64, 8)],
     ("dkdv", "16-bit", "plain", 256): [(16, 32, 8), (32, 16, 8), (16, 16, 8)],
     ("dkdv", "16-bit", "masked", 256): [(16, 32, 8), (16, 16, 8)],
     ("dkdv", "float32", "any", 64): [(32, 16, 8, 2), (16, 16, 8, 2)],
     ("dkdv", "float32", "any", 128): [(16, 16, 8)],
+    ("dkdv", "float32", "dbias", 64): [(16, 16, 8, 2)],
+    ("dkdv", "float32", "dbias", 128): [(16, 16, 4, 1)],
 }
 
 
@@ -105,6 +111,8 @@ def _fitting(kernel: str, configs, named_args, **kwargs) -> list:
     masked = any(kwargs.get(flag) for flag in ("HAS_BIAS", "HAS_KPM", "HAS_DROPOUT", "IS_CAUSAL"))
     flags = "any" if inputs == "float32" else "masked" if masked else "plain"
     head = next((d for d in (64, 128) if kwargs["BLOCK_D"] <= d), 256)
+    if kwargs.get("HAS_DBIAS") and (kernel, inputs, "dbias", head) in _TILES:
+        flags = "dbias"
     order = {}
     for m, n, warps, *stages in _TILES.get((kernel, inputs, flags, head)) or _TILES[(kernel, inputs, flags, 128)]:
         for s in stages or (2, 3):
