@@ -12,13 +12,13 @@ Backends:
 
 Each op file registers, per backend, the module that implements it and, as data, which inputs that backend
 takes (`register(op, {backend: module_name}, supports={backend: fn})`, where fn(the op's argument record, the
-NamedTuple its op file declares) returns None or the reason it cannot take them), and where a backend takes some inputs but runs them slower than the next one
-of AUTO_ORDER, which "auto" passes over (`slower={backend: fn}`, the same kind of function; bench/results/ holds
-the measurements). Every such module defines the same functions, `<op>_forward` and `<op>_backward` (the LSTM's
-torch backend is the exception: torch's LSTM op with its own autograd, fastenc/torch_ops/lstm.py), and is
-imported only when first used, so `import fastenc` never needs triton or the extension. `select` picks the
-backend (global choice, `with backend(...)`, or FASTENC_BACKEND); the custom ops take its name and call
-`implementation`.
+NamedTuple its op file declares) returns None or the reason it cannot take them), and where a backend takes some
+inputs but runs them slower than the next one of AUTO_ORDER, which "auto" passes over (`slower={backend: fn}`,
+the same kind of function; bench/results/ holds the measurements). Every such module defines the same functions,
+`<op>_forward` and `<op>_backward` (the LSTM's torch backend is the exception: torch's LSTM op with its own
+autograd, fastenc/torch_ops/lstm.py), and is imported only when first used, so `import fastenc` never needs triton
+or the extension. `select` picks the backend (global choice, `with backend(...)`, or FASTENC_BACKEND); the custom
+ops take its name and call `implementation`.
 """
 
 from __future__ import annotations

@@ -175,9 +175,10 @@ class _RowBlockMPNetLayer(torch.nn.Module):
 
 
 class _PackedEncoder(torch.nn.Module):
-    """BERT's (and DistilBERT's) encoder on packed tokens, for models converted with padding_free=True: the real tokens of a padded
-    batch are packed into one row once, every layer runs on them alone (the attention in its packed form), and the
-    result is unpacked with 0 at the padded positions (their values are discarded by pooling and token heads)."""
+    """BERT's (and DistilBERT's) encoder on packed tokens, for models converted with padding_free=True: the real
+    tokens of a padded batch are packed into one row once, every layer runs on them alone (the attention in its
+    packed form), and the result is unpacked with 0 at the padded positions (their values are discarded by pooling
+    and token heads)."""
 
     fastenc_padding_free = False
 
@@ -248,8 +249,9 @@ def __getattr__(name: str) -> type:
 
 
 def convert(model: torch.nn.Module, padding_free: bool = False) -> None:
-    """Convert the transformers models and modules in `model`. padding_free: BERT-style and DistilBERT encoders run on packed
-    tokens (0 at padded positions). Warns, naming them, for the models whose attention stays on their own code."""
+    """Convert the transformers models and modules in `model`. padding_free: BERT-style and DistilBERT encoders run
+    on packed tokens (0 at padded positions). Warns, naming them, for the models whose attention stays on their own
+    code."""
     for sub in model.modules():
         fused = _fused_class(type(sub))
         if fused is not None:

@@ -139,8 +139,9 @@ struct Vec {
   static FASTENC_INLINE R max(R a, R b) { return _mm512_max_ps(a, b); }
   static FASTENC_INLINE float reduce_add(R v) { return _mm512_reduce_add_ps(v); }
   static FASTENC_INLINE float reduce_max(R v) { return _mm512_reduce_max_ps(v); }
-  // 2^x: round to the nearest integer n, 2^(x - n) = e^(f), f = (x - n) ln 2, by kTaylor, times 2^n by scalef. x is clamped to [-200, 127]: 2^-200 rounds to 0, so masked
-  // scores (-inf) give exactly 0; max(lo, x) returns x where it is NaN, so NaN passes through.
+  // 2^x: round to the nearest integer n, 2^(x - n) = e^(f), f = (x - n) ln 2, by kTaylor, times 2^n by scalef.
+  // x is clamped to [-200, 127]: 2^-200 rounds to 0, so masked scores (-inf) give exactly 0; max(lo, x) returns x
+  // where it is NaN, so NaN passes through.
   static FASTENC_INLINE R exp2(R x) {
     x = _mm512_min_ps(_mm512_set1_ps(127.0f), _mm512_max_ps(_mm512_set1_ps(-200.0f), x));
     const R n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);

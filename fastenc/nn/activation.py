@@ -81,11 +81,12 @@ class MultiheadAttention(NotScriptable, torch.nn.MultiheadAttention):
 
     def _check(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None,
                attn_mask: Tensor | None) -> None:
-        rank = query.dim()
+        rank = query.dim()  # 2 or 3, the same for key and value (torch's _mha_shape_check ran first)
         for name, t, width in (("query", query, self.embed_dim), ("key", key, self.kdim), ("value", value, self.vdim)):
-            if t.dim() not in (2, 3) or t.dim() != rank or t.shape[-1] != width:
+            if t.shape[-1] != width:
                 raise ArgumentValueError(f"{name} must be (L, N, {width}) or (N, L, {width}) with batch_first, or "
-                                         f"({'L' if name == 'query' else 'S'}, {width}) unbatched; got {tuple(t.shape)}")
+                                         f"({'L' if name == 'query' else 'S'}, {width}) unbatched; "
+                                         f"got {tuple(t.shape)}")
             check_dtype(name, t, self.out_proj.weight)
         seq = 1 if self.batch_first and rank == 3 else 0
         batch = query.shape[1 - seq] if rank == 3 else None

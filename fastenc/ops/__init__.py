@@ -24,8 +24,8 @@ def spec_op(name: str, *records: type, returns: str) -> Callable:
     of arguments: an op declares its arguments once, in one (its backward in one more, for what it adds), and
     functional, every backend and every `supports` rule take that record. The schema is derived from the records'
     annotations: the dispatcher sees their fields as flat arguments, then the backend's name. The op keeps
-    `.body` (flat arguments, for `run`) and `.unflatten(flat) -> (*records, backend)` (for its fake kernel and
-    autograd context)."""
+    `.body` (flat arguments, for `run`), `.unflatten(flat) -> (*records, backend)` (for its autograd context) and
+    `.fake`, a decorator registering `fake(*records)` as its fake kernel."""
     fields = []
     for record in records:
         hints = typing.get_type_hints(record)
@@ -42,7 +42,11 @@ def spec_op(name: str, *records: type, returns: str) -> Callable:
         def body(*flat):
             return fn(*unflatten(flat))
         op = torch.library.custom_op(name, body, mutates_args=(), schema=schema)
-        op.body, op.unflatten = body, unflatten
+
+        def fake(fake_fn):
+            op.register_fake(lambda *flat: fake_fn(*unflatten(flat)[:-1]))
+            return fake_fn
+        op.body, op.unflatten, op.fake = body, unflatten, fake
         return op
     return wrap
 

@@ -100,13 +100,10 @@ def attention(a: AttentionArgs, backend: str) -> tuple[Tensor, Tensor]:
     return backends.implementation("attention", backend).attention_forward(a)
 
 
-def _fake_forward(*flat):
-    a, _ = attention.unflatten(flat)
+@attention.fake
+def _(a):
     lse_shape = (a.q.shape[1], a.q.shape[0]) if a.cu_seqlens_q is not None else a.q.shape[:3]
     return a.q.new_empty(a.q.shape), a.q.new_empty(lse_shape, dtype=accumulation_dtype(a.q.dtype))
-
-
-attention.register_fake(_fake_forward)
 
 
 @spec_op("fastenc::attention_backward", AttentionBackwardArgs, AttentionArgs,
@@ -115,14 +112,11 @@ def attention_backward(g: AttentionBackwardArgs, a: AttentionArgs, backend: str)
     return backends.implementation("attention", backend).attention_backward(*g, a)
 
 
-def _fake_backward(*flat):
-    g, a, _ = attention_backward.unflatten(flat)
+@attention_backward.fake
+def _(g, a):
     dbias = a.q.new_empty((*a.q.shape[:3], a.k.shape[2]) if g.bias_grad else (0,),
                           dtype=accumulation_dtype(a.q.dtype))
     return a.q.new_empty(a.q.shape), a.k.new_empty(a.k.shape), a.v.new_empty(a.v.shape), dbias
-
-
-attention_backward.register_fake(_fake_backward)
 
 
 def _setup_context(ctx, inputs, output):

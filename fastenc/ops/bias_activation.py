@@ -56,7 +56,7 @@ def bias_activation(a: BiasActivationArgs, backend: str) -> Tensor:
     return backends.implementation("bias_activation", backend).bias_activation_forward(a)
 
 
-bias_activation.register_fake(lambda *flat: flat[0].new_empty(flat[0].shape))
+bias_activation.fake(lambda a: a.x.new_empty(a.x.shape))
 
 
 class BiasActivationBackwardArgs(NamedTuple):
@@ -70,13 +70,10 @@ def bias_activation_backward(g: BiasActivationBackwardArgs, a: BiasActivationArg
     return backends.implementation("bias_activation", backend).bias_activation_backward(*g, a)
 
 
-def _fake_backward(*flat):
-    _, a, _ = bias_activation_backward.unflatten(flat)
+@bias_activation_backward.fake
+def _(g, a):
     acc = accumulation_dtype(a.x.dtype)
     return a.x.new_empty(a.x.shape), a.x.new_empty(a.x.shape[1] if a.bias is not None else 0, dtype=acc)
-
-
-bias_activation_backward.register_fake(_fake_backward)
 
 
 def _setup_context(ctx, inputs, output):

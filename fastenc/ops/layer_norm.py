@@ -45,6 +45,7 @@ class LayerNormBackwardArgs(NamedTuple):
     rstd: Tensor
     has_bias: bool
 
+
 # The Triton kernels hold a whole row on chip.
 TRITON_MAX_N = 65536
 
@@ -68,15 +69,12 @@ def layer_norm(a: LayerNormArgs, backend: str) -> tuple[Tensor, Tensor, Tensor, 
     return backends.implementation("layer_norm", backend).layer_norm_forward(a)
 
 
-def _fake_forward(*flat):
-    a, _ = layer_norm.unflatten(flat)
+@layer_norm.fake
+def _(a):
     rows = a.x.shape[0]
     summed = a.x.new_empty(a.x.shape) if a.store_sum and a.residual is not None else a.x.new_empty(0)
     stats = accumulation_dtype(a.x.dtype)
     return a.x.new_empty(a.x.shape), summed, a.x.new_empty(rows, dtype=stats), a.x.new_empty(rows, dtype=stats)
-
-
-layer_norm.register_fake(_fake_forward)
 
 
 @spec_op("fastenc::layer_norm_backward", LayerNormBackwardArgs, returns="(Tensor, Tensor, Tensor)")
@@ -84,15 +82,12 @@ def layer_norm_backward(b: LayerNormBackwardArgs, backend: str) -> tuple[Tensor,
     return backends.implementation("layer_norm", backend).layer_norm_backward(b)
 
 
-def _fake_backward(*flat):
-    b, _ = layer_norm_backward.unflatten(flat)
+@layer_norm_backward.fake
+def _(b):
     width = b.xs.shape[1]
     dweight = b.mean.new_empty(width if b.weight is not None else 0)
     dbias = b.mean.new_empty(width if b.has_bias else 0)
     return b.xs.new_empty(b.xs.shape), dweight, dbias
-
-
-layer_norm_backward.register_fake(_fake_backward)
 
 
 def _setup_context(ctx, inputs, output):

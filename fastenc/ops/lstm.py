@@ -108,16 +108,13 @@ def lstm_layer(a: LstmArgs, backend: str) -> tuple[Tensor, Tensor, Tensor, Tenso
     return out, h_n, c_n, *saved
 
 
-def _fake_forward(*flat):
-    a, _ = lstm_layer.unflatten(flat)
+@lstm_layer.fake
+def _(a):
     lead, hidden = a.x.shape[:-1], a.c0.shape[1]
     saved = accumulation_dtype(a.x.dtype)
     shapes = ((*lead, 4 * hidden), (*lead, hidden), (*lead, hidden) if a.w_hr is not None else (0,))
     return (a.x.new_empty((*lead, a.h0.shape[1])), a.h0.new_empty(a.h0.shape), a.c0.new_empty(a.c0.shape),
             *(a.x.new_empty(shape if a.save else (0,), dtype=saved) for shape in shapes))
-
-
-lstm_layer.register_fake(_fake_forward)
 
 
 @spec_op("fastenc::lstm_layer_backward", LstmBackwardArgs, LstmArgs,
@@ -126,15 +123,12 @@ def lstm_layer_backward(g: LstmBackwardArgs, a: LstmArgs, backend: str) -> tuple
     return backends.implementation("lstm", backend).lstm_layer_backward(g, a)
 
 
-def _fake_backward(*flat):
-    g, a, _ = lstm_layer_backward.unflatten(flat)
+@lstm_layer_backward.fake
+def _(g, a):
     shapes = (a.x.shape, a.h0.shape, a.c0.shape, a.w_ih.shape, a.w_hh.shape, a.w_ih.shape[:1],
               (0,) if a.w_hr is None else a.w_hr.shape)
     like = (a.x, a.h0, a.c0, g.gates, g.gates, g.gates, g.gates)
     return tuple(t.new_empty(shape if wanted else (0,)) for t, shape, wanted in zip(like, shapes, g.output_mask))
-
-
-lstm_layer_backward.register_fake(_fake_backward)
 
 
 def _setup_context(ctx, inputs, output):

@@ -51,7 +51,8 @@ def _attend(q, k, v, bias, key_padding_mask, is_causal, scale):
     """(out, lse) of (B, H, S, D) tensors."""
     s_q, s_k = q.shape[2], k.shape[2]
     if s_k == 0:
-        return q.new_zeros(q.shape), torch.full(q.shape[:3], math.inf, dtype=accumulation_dtype(q.dtype), device=q.device)
+        lse = torch.full(q.shape[:3], math.inf, dtype=accumulation_dtype(q.dtype), device=q.device)
+        return q.new_zeros(q.shape), lse
     mask = _mask(q, bias, key_padding_mask)
     out, lse = _flash(q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)
     fully = _fully_masked(mask, bias, key_padding_mask, is_causal, s_q, s_k)
